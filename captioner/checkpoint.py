@@ -1,0 +1,100 @@
+"""Checkpoints: safetensors tensors + JSON metadata in one file, written atomically, never unpickled.
+
+A model checkpoint holds everything needed to caption: decoder weights, decoder config, vocabulary,
+encoder name and preprocessing (and the encoder's weights when it was fine-tuned).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import CaptionerError
+
+FORMAT = "captioner-v1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Tensors plus a JSON document (under the metadata key 'captioner')."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = st_save(tensors, metadata={"format": FORMAT, "captioner": json.dumps(meta)})
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise CaptionerError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by `save_tensors`; anything else gets a one-line explanation."""
+    path = Path(path)
+    if not path.exists():
+        raise CaptionerError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        for name in ("best.safetensors", "model.safetensors"):
+            if (path / name).is_file():
+                return load_tensors(path / name)
+        raise CaptionerError(f"{path} is a folder with no best.safetensors or model.safetensors in it")
+    data = path.read_bytes()
+    if data[:2] == b"PK" or data[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CaptionerError(f"refusing {path}: it looks like a pickle/PyTorch file, which can run code when "
+                             f"loaded; captioner checkpoints are .safetensors files")
+    try:
+        import struct
+        if len(data) < 8:
+            raise SafetensorError("file too short")
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len > len(data) - 8:
+            raise SafetensorError("header longer than file")
+        header = json.loads(data[8:8 + header_len])
+        meta_raw = header.get("__metadata__") or {}
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise CaptionerError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): {e}") from None
+    if meta_raw.get("format") != FORMAT or "captioner" not in meta_raw:
+        raise CaptionerError(f"{path} is a safetensors file but not a captioner checkpoint (no '{FORMAT}' metadata)")
+    try:
+        meta = json.loads(meta_raw["captioner"])
+    except json.JSONDecodeError as e:
+        raise CaptionerError(f"{path}: checkpoint metadata is malformed JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise CaptionerError(f"{path}: checkpoint metadata is not a JSON object")
+    return tensors, meta

@@ -1,0 +1,159 @@
+"""The `captioner` command: caption, train. Plain argparse, sensible defaults, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from .errors import CaptionerError
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .images import ImageError
+    from .inference import Captioner
+    cap = Captioner.load(args.model)
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best)[0]
+        except ImageError as e:
+            failed += 1
+            print(f"captioner: error: {e}", file=sys.stderr)
+            continue
+        results.append((path, c))
+        if not args.json:
+            print(f"{path}\t{c.text}" if len(args.images) > 1 else c.text)
+            if args.n_best > 1:
+                for text, lp in c.alternatives:
+                    print(f"    {lp:8.3f}  {text}")
+    if args.json:
+        print(json.dumps([{"image": p, "caption": c.text, "logprob": round(c.logprob, 4),
+                           **({"alternatives": [{"caption": t, "logprob": round(lp, 4)} for t, lp in c.alternatives]}
+                              if args.n_best > 1 else {})} for p, c in results], indent=2))
+    return 1 if failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Interrupted, TrainConfig, resume_config, train
+    if args.resume:
+        cfg = resume_config(args.resume)
+    else:
+        if not args.data:
+            raise CaptionerError("--data is required (or --resume RUN_DIR)")
+        d = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+        if args.config:
+            try:
+                with open(args.config, encoding="utf-8") as f:
+                    base = json.load(f)
+            except OSError as e:
+                raise CaptionerError(f"cannot read --config {args.config}: {e.strerror}") from None
+            except json.JSONDecodeError as e:
+                raise CaptionerError(f"--config {args.config} is malformed JSON ({e.msg})") from None
+            explicit = {k: v for k, v in d.items() if f"--{k.replace('_', '-')}" in sys.argv or k in ("data", "out")}
+            d = {**base, **explicit}
+        cfg = TrainConfig.from_dict(d)
+        if os.path.isfile(os.path.join(cfg.out, "state.safetensors")) and not args.overwrite:
+            raise CaptionerError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
+                                 f"or pass --overwrite to start again")
+    try:
+        summary = train(cfg, resume=bool(args.resume), progress=not args.quiet)
+    except Interrupted as e:
+        print(f"captioner: {e}", file=sys.stderr)
+        return 130
+    print(f"best dev BLEU-4 {summary['best_dev_BLEU-4']:.2f} at epoch {summary['best_epoch']}; "
+          f"model: {summary['checkpoint']} ({summary['seconds']:.0f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .encoders import ENCODERS
+    from .train import TrainConfig
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="captioner", description="Show and Tell image captioning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("caption", help="caption images with a trained model (the bundled one by default)",
+                       description="Print one caption per image.")
+    c.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, WebP, ...)")
+    c.add_argument("--model", help="checkpoint (.safetensors) or run folder; default: the bundled Flickr8k model")
+    c.add_argument("--beam-size", type=_positive_int, default=1, help="beam width; 1 = greedy (default: 1)")
+    c.add_argument("--n-best", type=_positive_int, default=1, help="also list the N best captions (default: 1)")
+    c.add_argument("--max-len", type=_positive_int, default=20, help="maximum caption length in words (default: 20)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c.set_defaults(func=cmd_caption)
+
+    t = sub.add_parser("train", help="train a model", description=(
+        "Train a Show and Tell model. Encoder features are computed once and cached; after each epoch the dev "
+        "split is decoded for real and scored with BLEU-4, the best model is kept as RUN_DIR/best.safetensors. "
+        "Ctrl-C saves the exact position (mid-epoch) and --resume continues from it with no batch repeated "
+        "or skipped."), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", help="dataset: COCO captions_*.json, Karpathy dataset_*.json, Flickr folder, .csv or .jsonl")
+    t.add_argument("--out", default=d.out, help="run folder for checkpoints, logs and plots")
+    t.add_argument("--images", help="images folder, where the annotations do not say")
+    t.add_argument("--dev-data", help="separate dataset for the dev split (default: the dev split of --data, "
+                                      "else 5%% of training images)")
+    t.add_argument("--config", help="JSON file of training options (e.g. train/flickr8k.json); flags override it")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    t.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run")
+    t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
+    t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
+    t.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
+    t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
+    t.add_argument("--num-layers", type=_positive_int, default=d.num_layers)
+    t.add_argument("--dropout", type=float, default=d.dropout)
+    t.add_argument("--min-count", type=_positive_int, default=d.min_count, help="words seen fewer times become <unk>")
+    t.add_argument("--max-len", type=_positive_int, default=d.max_len, help="captions are cut to this many words")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="maximum epochs")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW; warmup then cosine decay)")
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
+    t.add_argument("--patience", type=_positive_int, default=d.patience,
+                   help="stop after this many epochs without a better dev BLEU-4")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    t.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
+    t.add_argument("--dev-images", type=int, default=d.dev_images, help="dev images scored per epoch (0 = all)")
+    t.add_argument("--eval-beam", type=_positive_int, default=d.eval_beam, help="beam size for the per-epoch dev BLEU")
+    t.add_argument("--save-every", type=int, default=d.save_every, help="also save resumable state every N steps")
+    t.add_argument("--stop-after-steps", type=int, default=d.stop_after_steps, help=argparse.SUPPRESS)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CaptionerError as e:
+        print(f"captioner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("captioner: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("captioner: error: out of memory", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a full disk while writing
+        print(f"captioner: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

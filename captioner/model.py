@@ -1,0 +1,82 @@
+"""The Show and Tell decoder (Vinyals et al. 2015) in one file.
+
+The image embedding is the LSTM's first input only (x_{-1} = W_i CNN(I)); then each word is embedded
+and fed in turn (teacher forcing), and a linear layer over the LSTM state scores the next word.
+Loss is cross-entropy over real tokens only: outputs are packed, so padding costs neither compute nor loss.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int = 1280
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class ShowAndTell(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_embed = nn.Linear(cfg.feature_dim, cfg.embed_dim)
+        self.word_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    def embed_image(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.image_embed(features))
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets for every real next-token position, packed (no padding).
+
+        captions: [B, T] ids `<start> w1 .. wn <end> <pad>..`; lengths: [B] counts including start and end.
+        """
+        words = self.dropout(self.word_embed(captions[:, :-1]))
+        inputs = torch.cat([self.embed_image(features).unsqueeze(1), words], dim=1)  # image, <start>, w1..wn
+        lengths = lengths.cpu()
+        packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
+        from torch.nn.utils.rnn import pad_packed_sequence
+        hidden, _ = pad_packed_sequence(out, batch_first=True)
+        hidden = pack_padded_sequence(hidden[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
+        targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
+        return self.out(self.dropout(hidden)), targets
+
+    def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        logits, targets = self(features, captions, lengths)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    # --- step-by-step interface used by greedy and beam search ---
+    def init_state(self, features: torch.Tensor) -> State:
+        """LSTM state after reading the image (the paper's x_{-1} step)."""
+        _, state = self.lstm(self.embed_image(features).unsqueeze(1))
+        return state
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Log-probabilities of the next word for each sequence, given its last token."""
+        out, state = self.lstm(self.word_embed(tokens).unsqueeze(1), state)
+        return F.log_softmax(self.out(out.squeeze(1)), dim=-1), state

@@ -1,0 +1,368 @@
+"""Training loop, readable top to bottom: data -> vocabulary -> cached features -> epochs -> best checkpoint.
+
+The run folder holds everything: config.json (to repeat the run), metrics.jsonl and curves.png, best.safetensors
+(the model with the best dev BLEU-4, from real greedy decoding), state.safetensors (model, optimizer, RNG and
+position, for --resume) and bad_images.txt when some images could not be read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+from .data import Dataset, Record, load_dataset
+from .decoding import greedy, beam_search
+from .encoders import DEFAULT_ENCODER, create_encoder
+from .errors import CaptionerError
+from .features import extract_features
+from .inference import save_model
+from .metrics import bleu
+from .model import DecoderConfig, ShowAndTell
+from .vocab import Vocabulary
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = "runs/default"
+    images: str | None = None
+    dev_data: str | None = None
+    encoder: str = DEFAULT_ENCODER
+    encoder_weights: str | None = None
+    fine_tune_blocks: int = 0
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    min_count: int = 5
+    max_len: int = 20
+    batch_size: int = 64
+    epochs: int = 20
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 5.0
+    patience: int = 4
+    seed: int = 0
+    workers: int = 2
+    cache_dir: str | None = None
+    dev_images: int = 0  # 0 = all dev images for the per-epoch BLEU
+    eval_beam: int = 1
+    save_every: int = 0  # also save resumable state every N steps (0 = only at epoch ends and on Ctrl-C)
+    stop_after_steps: int = 0  # testing aid: behave as if interrupted after N steps in total
+    device: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CaptionerError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
+                  (self.lr > 0, "learning rate must be > 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+                  (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),
+                  (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
+                  (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+                  (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise CaptionerError(msg)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at the last planned step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _holdout(records: list[Record], seed: int, frac: float = 0.05) -> tuple[list[Record], list[Record]]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    n_dev = max(1, int(len(records) * frac))
+    dev = {int(i) for i in order[:n_dev]}
+    return [r for i, r in enumerate(records) if i not in dev], [r for i, r in enumerate(records) if i in dev]
+
+
+def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out, lengths
+
+
+def _state_tensors(model: ShowAndTell, encoder, optim: torch.optim.Optimizer, fine_tune: bool) -> dict:
+    t = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if fine_tune:
+        t.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+    for i, st in optim.state_dict()["state"].items():
+        for name, v in st.items():
+            t[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    t["rng.torch"] = torch.get_rng_state()
+    return t
+
+
+def _restore_optim(optim: torch.optim.Optimizer, tensors: dict, groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    sd = optim.state_dict()
+    for g, saved in zip(sd["param_groups"], groups):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    sd["state"] = state
+    optim.load_state_dict(sd)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    a.plot(ep, [h["dev_loss"] for h in history], "o-", label="dev loss")
+    a.set_xlabel("epoch"), a.legend(), a.set_title("cross-entropy")
+    for n in (1, 4):
+        b.plot(ep, [h[f"dev_BLEU-{n}"] for h in history], "o-", label=f"dev BLEU-{n}")
+    b.set_xlabel("epoch"), b.legend(), b.set_title("dev BLEU (0-100, real decoding)")
+    fig.tight_layout()
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CaptionerError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaptionerError(f"cannot create run folder {out}: {e.strerror or e}") from None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    _prepare_out(out)
+    torch.manual_seed(cfg.seed)
+    log = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if progress else (lambda *a: None)
+
+    # --- data ---
+    full = load_dataset(cfg.data, images=cfg.images)
+    train_recs = [r for r in full.records if r.split == "train"]
+    if cfg.dev_data:
+        dev_ds = load_dataset(cfg.dev_data, images=cfg.images)
+        dev_recs = [r for r in dev_ds.records if r.split == "dev"] or dev_ds.records
+    else:
+        dev_recs = [r for r in full.records if r.split == "dev"]
+        if not dev_recs:
+            train_recs, dev_recs = _holdout(train_recs, cfg.seed)
+            log(f"no dev split in {cfg.data}: holding out {len(dev_recs)} training images for selection")
+    if not train_recs:
+        raise CaptionerError(f"{cfg.data} has no training images")
+    log(full.summary())
+
+    # --- vocabulary (from training captions only; a resumed run keeps its own) ---
+    if resume:
+        vocab = Vocabulary(json.loads((out / "vocab.json").read_text()))
+    else:
+        vocab = Vocabulary.build((c for r in train_recs for c in r.captions), cfg.min_count)
+        atomic_write_text(out / "vocab.json", json.dumps(vocab.to_list()))
+        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_count})")
+
+    # --- encoder and cached features ---
+    encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
+    fine_tune = cfg.fine_tune_blocks > 0
+    paths = [r.image for r in train_recs + dev_recs]
+    if fine_tune:
+        raise CaptionerError("--fine-tune-blocks is not supported in this version; train with the frozen encoder")
+    fs = extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+                          weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
+    if fs.bad:
+        lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
+        atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
+        log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
+    feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
+    valid = fs.valid_mask()
+    n_train = len(train_recs)
+    train_rows = [i for i in range(n_train) if valid[i]]
+    dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
+    if cfg.dev_images:
+        dev_rows = dev_rows[: cfg.dev_images]
+
+    # Caption-level training items: (feature row, token ids); empty captions skipped, long ones cut.
+    def items(rows: list[int], recs: list[Record], base: int) -> list[tuple[int, list[int]]]:
+        out_items = []
+        for row in rows:
+            for c in recs[row - base].captions:
+                ids = vocab.encode(c)
+                if len(ids) > 2:
+                    out_items.append((row, ids[: cfg.max_len + 1] + ([vocab.end_id] if len(ids) > cfg.max_len + 1 else [])))
+        return out_items
+    train_items = items(train_rows, train_recs, 0)
+    dev_items = items(dev_rows, dev_recs, n_train)
+    dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
+    if not train_items:
+        raise CaptionerError("no usable training captions")
+
+    # --- model and optimiser ---
+    model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
+                                      cfg.dropout)).to(cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    st = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
+          "history": [], "train_loss_sum": 0.0, "train_loss_n": 0}
+    if resume:
+        tensors, meta = load_tensors(out / "state.safetensors")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optim(optim, tensors, meta["param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        st = meta["progress"]
+        log(f"resuming at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
+
+    def save_state() -> None:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim.state_dict()["param_groups"]]
+        save_tensors(out / "state.safetensors", _state_tensors(model, encoder, optim, fine_tune),
+                     {"progress": st, "param_groups": groups, "config": asdict(cfg)})
+
+    @torch.inference_mode()
+    def evaluate() -> dict:
+        model.eval()
+        losses, n = 0.0, 0
+        for i in range(0, len(dev_items), 256):
+            rows, seqs = zip(*dev_items[i:i + 256])
+            caps, lens = _pad(list(seqs))
+            logits, targets = model(feats[list(rows)].to(cfg.device), caps.to(cfg.device), lens)
+            losses += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            n += targets.numel()
+        hyps = []
+        for i in range(0, len(dev_rows), 256):
+            f = feats[dev_rows[i:i + 256]].to(cfg.device)
+            if cfg.eval_beam > 1:
+                hs = [h[0] for h in beam_search(model, f, vocab, cfg.eval_beam, cfg.max_len)]
+            else:
+                hs = greedy(model, f, vocab, cfg.max_len)
+            hyps += [vocab.decode(h.tokens) for h in hs]
+        model.train()
+        return {"dev_loss": losses / max(n, 1), **{f"dev_{k}": v for k, v in bleu(hyps, dev_refs).items()},
+                "dev_example": hyps[0] if hyps else ""}
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        if stop["flag"]:  # second Ctrl-C: give up at once (the last saved state stays valid)
+            raise KeyboardInterrupt
+        stop["flag"] = True
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    model.train()
+    t_start = time.time()
+    try:
+        while st["epoch"] < cfg.epochs:
+            epoch = st["epoch"]
+            g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            order = torch.randperm(len(train_items), generator=g).tolist()
+            bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", disable=not progress, dynamic_ncols=True)
+            t_epoch, n_caps = time.time(), 0
+            for b in range(st["batch"], steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                rows = [train_items[i][0] for i in idx]
+                caps, lens = _pad([train_items[i][1] for i in idx])
+                for grp in optim.param_groups:
+                    grp["lr"] = _lr_at(cfg, st["step"], total_steps)
+                loss = model.loss(feats[rows].to(cfg.device), caps.to(cfg.device), lens, cfg.label_smoothing)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optim.step()
+                st["batch"], st["step"] = b + 1, st["step"] + 1
+                st["train_loss_sum"] += float(loss)
+                st["train_loss_n"] += 1
+                n_caps += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
+                if cfg.save_every and st["step"] % cfg.save_every == 0:
+                    save_state()
+                if cfg.stop_after_steps and st["step"] >= cfg.stop_after_steps:
+                    stop["flag"] = True
+                if stop["flag"]:
+                    raise Interrupted
+            bar.close()
+            # --- end of epoch: evaluate with real decoding, keep the best, maybe stop early ---
+            scores = evaluate()
+            row = {"epoch": epoch + 1, "step": st["step"], "lr": optim.param_groups[0]["lr"],
+                   "train_loss": st["train_loss_sum"] / max(st["train_loss_n"], 1),
+                   "epoch_seconds": round(time.time() - t_epoch, 1), **scores}
+            st["history"].append(row)
+            improved = scores["dev_BLEU-4"] > st["best_score"]
+            if improved:
+                st["best_score"], st["best_epoch"], st["bad_epochs"] = scores["dev_BLEU-4"], epoch + 1, 0
+                save_model(out / "best.safetensors", model, vocab, encoder,
+                           extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
+                                                                        if k.startswith("dev_BLEU")},
+                                            "config": asdict(cfg)}})
+            else:
+                st["bad_epochs"] += 1
+            log(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, dev loss {row['dev_loss']:.3f}, "
+                f"dev BLEU-4 {scores['dev_BLEU-4']:.2f}{' (best)' if improved else ''}; e.g. \"{scores['dev_example']}\"")
+            st.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0)
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st["history"]))
+            plot_curves(st["history"], out / "curves.png")
+            if st["bad_epochs"] >= cfg.patience:
+                log(f"early stop: dev BLEU-4 has not improved for {cfg.patience} epochs")
+                st["epoch"] = cfg.epochs
+            save_state()
+    except (Interrupted, KeyboardInterrupt):
+        save_state()
+        raise Interrupted(f"interrupted at epoch {st['epoch'] + 1}, batch {st['batch']}; state saved, continue "
+                          f"with: captioner train --resume {out}") from None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    summary = {"best_epoch": st["best_epoch"], "best_dev_BLEU-4": st["best_score"],
+               "epochs_run": len(st["history"]), "seconds": round(time.time() - t_start, 1),
+               "checkpoint": str(out / "best.safetensors")}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    run = Path(run_dir)
+    if not (run / "config.json").is_file() or not (run / "state.safetensors").is_file():
+        raise CaptionerError(f"{run} is not a resumable run folder (needs config.json and state.safetensors)")
+    try:
+        d = json.loads((run / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CaptionerError(f"{run / 'config.json'} is malformed JSON ({e.msg})") from None
+    cfg = TrainConfig.from_dict(d)
+    cfg.out = str(run)
+    return cfg

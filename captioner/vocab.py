@@ -1,0 +1,65 @@
+"""Tokenizer and vocabulary, shared by training, decoding and evaluation so scores compare like with like."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+from .errors import CaptionerError
+
+# Words (unicode letters/digits, hyphenated compounds kept whole) and PTB-style clitics ('s, n't) as
+# their own tokens, which is what the COCO toolkit's PTB tokenizer produces; punctuation and emoji go.
+_TOKEN = re.compile(r"n't|'[^\W_]+|[^\W_]+(?:-[^\W_]+)*")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase, split clitics, drop punctuation. No NLTK data needed (punkt is not available offline)."""
+    text = text.lower().replace("\u2019", "'").replace("n't", " n't")
+    return _TOKEN.findall(text)
+
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+
+class Vocabulary:
+    """Word <-> id map; ids 0..3 are pad, start, end, unk."""
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        if tuple(words[:4]) != SPECIALS or len(set(words)) != len(words):
+            raise CaptionerError("malformed vocabulary: must start with <pad> <start> <end> <unk> and have no repeats")
+        self.itos = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+
+    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical, so it is deterministic)."""
+        counts = Counter(w for c in captions for w in tokenize(c))
+        kept = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
+                      key=lambda w: (-counts[w], w))
+        return cls([*SPECIALS, *kept])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a caption, wrapped in <start> ... <end>."""
+        return [self.start_id, *(self.stoi.get(w, self.unk_id) for w in tokenize(text)), self.end_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words up to the first <end>; pad and start are never shown."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.pad_id, self.start_id):
+                continue
+            words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        return " ".join(words)
+
+    def to_list(self) -> list[str]:
+        return list(self.itos)
