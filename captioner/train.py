@@ -167,9 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
     cfg.validate()
     out = Path(cfg.out)
-    _prepare_out(out)
-    torch.manual_seed(cfg.seed)
-    log = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if progress else (lambda *a: None)
+    def log(*a) -> None:  # progress bars off (--quiet) still leaves one line per event
+        msg = " ".join(str(x) for x in a)
+        tqdm.write(msg) if progress else print(msg, flush=True)
 
     # --- data ---
     full = load_dataset(cfg.data, images=cfg.images)
@@ -185,6 +185,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if not train_recs:
         raise CaptionerError(f"{cfg.data} has no training images")
     log(full.summary())
+    _prepare_out(out)
 
     # --- vocabulary (from training captions only; a resumed run keeps its own) ---
     if resume:
@@ -231,6 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise CaptionerError("no usable training captions")
 
     # --- model and optimiser ---
+    torch.manual_seed(cfg.seed)  # here, not earlier: building the feature cache draws from the global RNG
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,11 +307,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optim.step()
                 st["batch"], st["step"] = b + 1, st["step"] + 1
-                st["train_loss_sum"] += float(loss)
+                st["train_loss_sum"] += loss.item()
                 st["train_loss_n"] += 1
                 n_caps += len(idx)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
                     save_state()
                 if cfg.stop_after_steps and st["step"] >= cfg.stop_after_steps:

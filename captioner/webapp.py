@@ -1,0 +1,271 @@
+"""A Gradio web demo: upload a photo, get its caption.
+
+Gradio is imported only when an app is built, so `captioner caption` and the CLI's parser stay fast and
+the library works without it (`pip install 'captioner[demo]'` adds it). The model is loaded once per app
+and shared by every request; a queue bounds how many requests run at once.
+
+Uploads reach our code as file paths (`preprocess=False`), never decoded by Gradio: every odd file is
+opened by `captioner.images.load_image`, so users see its one-line message rather than a PIL traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import CaptionerError
+from .images import ImageError, load_image
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from .inference import Captioner
+
+EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
+METHODS = ("Beam search", "Greedy", "Sampling")
+MAX_BEAM, MAX_ALTERNATIVES, MAX_WORDS, MAX_BATCH = 10, 10, 50, 200
+ALT_HEADERS = ["caption", "log-prob", "share of listed"]
+BATCH_HEADERS = ["file", "caption", "log-prob", "error"]
+
+
+# --- decoding -------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 20, temperature: float = 1.0,
+           seed: int | None = None) -> list[list[tuple[str, float]]]:
+    """`n` captions per image drawn word by word from the model's distribution sharpened or flattened by
+    `temperature`; distinct ones only, most likely first. Log-probs are the model's own (temperature 1),
+    so they compare with beam search's."""
+    vocab = cap.vocab
+    gen = torch.Generator(device=features.device)
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    B = features.shape[0]
+    state = cap.decoder.init_state(features.repeat_interleave(n, dim=0))
+    tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=features.device)
+    logprob = torch.zeros(B * n, dtype=torch.float64)
+    done = torch.zeros(B * n, dtype=torch.bool)
+    words: list[list[int]] = [[] for _ in range(B * n)]
+    for t in range(max_len):
+        logp, state = cap.decoder.step(tokens, state)
+        logp = logp.double()
+        barred = [vocab.pad_id, vocab.start_id, vocab.unk_id] + ([vocab.end_id] if t == 0 else [])
+        logp[:, barred] = -math.inf  # as greedy and beam search do: no empty or <unk> captions
+        tokens = torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen).squeeze(1)
+        picked = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
+        logprob += torch.where(done, torch.zeros_like(picked), picked)
+        for i, tok in enumerate(tokens.tolist()):
+            if not done[i] and tok != vocab.end_id:
+                words[i].append(tok)
+        done |= tokens.cpu() == vocab.end_id
+        if bool(done.all()):
+            break
+    out = []
+    for b in range(B):
+        best: dict[str, float] = {}
+        for i in range(b * n, (b + 1) * n):
+            text = vocab.decode(words[i])
+            best[text] = max(best.get(text, -math.inf), float(logprob[i]))
+        out.append(sorted(best.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def caption_images(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = 3,
+                   max_len: int = 20, n_best: int = 3, temperature: float = 1.0) -> list[list[tuple[str, float]]]:
+    """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
+    features = cap.encode(images)
+    if method == "Sampling":
+        return sample(cap, features, n_best, max_len, temperature)
+    if method == "Greedy":
+        beam_size = n_best = 1
+    return [c.alternatives for c in cap.decode(features, beam_size, max_len, n_best)]
+
+
+def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any) -> tuple:
+    """API callers can send anything: check it here so a bad value is a message, not a traceback."""
+    if method not in METHODS:
+        raise CaptionerError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        beam_size, max_len, n_best, temperature = int(beam_size), int(max_len), int(n_best), float(temperature)
+    except (TypeError, ValueError):
+        raise CaptionerError("beam size, max length, alternatives and temperature must be numbers") from None
+    for name, v, hi in (("beam size", beam_size, MAX_BEAM), ("max length", max_len, MAX_WORDS),
+                        ("alternatives", n_best, MAX_ALTERNATIVES)):
+        if not 1 <= v <= hi:
+            raise CaptionerError(f"{name} must be between 1 and {hi}, got {v}")
+    if not 0.05 <= temperature <= 5:
+        raise CaptionerError(f"temperature must be between 0.05 and 5, got {temperature}")
+    return method, beam_size, max_len, n_best, temperature
+
+
+def _open_upload(path: str, name: str, max_bytes: float):
+    """Load an uploaded file, naming it as the user knows it (not by its temporary path on the server)."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ImageError(f"file too large ({size / 2**20:.1f} MB, limit {max_bytes / 2**20:g} MB): {name}")
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise ImageError(str(e).replace(path, name)) from None
+
+
+def _alternatives_table(alts: list[tuple[str, float]]) -> list[list]:
+    """Rows of caption, log-prob and share: each caption's probability relative to the others listed."""
+    top = max(lp for _, lp in alts)
+    weights = [math.exp(lp - top) for _, lp in alts]
+    return [[text, round(lp, 3), f"{w / sum(weights):.1%}"] for (text, lp), w in zip(alts, weights)]
+
+
+def _describe(method: str, beam_size: int, temperature: float) -> str:
+    if method == "Beam search":
+        return f"beam search (beam {beam_size})"
+    return f"sampling (temperature {temperature:g})" if method == "Sampling" else "greedy"
+
+
+# --- the app --------------------------------------------------------------------------------------------
+
+def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLike | None = None,
+              max_upload_mb: float = 20, concurrency: int = 2) -> "gr.Blocks":
+    """The demo's page and API, ready to `.launch()`; loads the model unless one is given."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise CaptionerError("the demo needs gradio: pip install 'captioner[demo]'") from None
+    from .inference import Captioner
+
+    cap = captioner or Captioner.load(model_path)
+    max_bytes = max_upload_mb * 2**20
+    out_dir = Path(tempfile.mkdtemp(prefix="captioner-demo-"))  # batch CSV/JSON files
+
+    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature):
+        """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
+        if not image:
+            return "", [], ""
+        t0 = time.perf_counter()
+        try:
+            settings = _settings(method, beam_size, max_len, n_best, temperature)
+            img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes)
+            alts = caption_images(cap, [img], *settings)[0]
+        except CaptionerError as e:
+            raise gr.Error(str(e), duration=None, print_exception=False)  # stays on the page until closed
+        seconds = time.perf_counter() - t0
+        details = f"{seconds:.2f} s · {_describe(settings[0], settings[1], settings[4])} · {img.width}×{img.height} px"
+        return alts[0][0], _alternatives_table(alts), details
+
+    def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature):
+        """One row per file (bad files get their message in the error column), plus CSV and JSON files."""
+        if not paths:
+            raise gr.Error("Choose some image files first.", print_exception=False)
+        if len(paths) > MAX_BATCH:
+            raise gr.Error(f"At most {MAX_BATCH} files at once (got {len(paths)}).", print_exception=False)
+        try:
+            settings = _settings(method, beam_size, max_len, 1, temperature)
+        except CaptionerError as e:
+            raise gr.Error(str(e), print_exception=False)
+        t0 = time.perf_counter()
+        rows: list[list] = []
+        good: list[tuple[int, Any]] = []
+        for p in paths:
+            name = os.path.basename(p)
+            try:
+                good.append((len(rows), _open_upload(p, name, max_bytes)))
+                rows.append([name, "", None, ""])
+            except ImageError as e:
+                rows.append([name, "", None, str(e)])
+        for i in range(0, len(good), 16):  # bounded memory: 16 decoded images at a time
+            chunk = good[i:i + 16]
+            for (row, _), alts in zip(chunk, caption_images(cap, [im for _, im in chunk], *settings)):
+                rows[row][1:3] = [alts[0][0], round(alts[0][1], 3)]
+        for old in out_dir.iterdir():  # keep the folder small on a long-running server
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
+        stem = out_dir / f"captions-{uuid.uuid4().hex[:8]}"
+        with open(f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([BATCH_HEADERS, *rows])
+        with open(f"{stem}.json", "w", encoding="utf-8") as f:
+            json.dump([dict(zip(["file", "caption", "logprob", "error"], r)) for r in rows], f, indent=2)
+        n_bad = sum(1 for r in rows if r[3])
+        summary = (f"{len(rows) - n_bad} captioned, {n_bad} failed · {time.perf_counter() - t0:.2f} s · "
+                   f"{_describe(settings[0], settings[1], settings[4])}")
+        return rows, [f"{stem}.csv", f"{stem}.json"], summary
+
+    with gr.Blocks(title="Image captioner", delete_cache=(3600, 3600)) as app:
+        gr.Markdown("# Image captioner\nEfficientNet-Lite0 encoder + LSTM decoder (Show and Tell). "
+                    "Drop, paste or pick a photo; its caption appears below.")
+        with gr.Tab("Single image"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                     label="Photo", height=360, elem_id="photo")
+                    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+                    if examples:
+                        gr.Examples(examples, inputs=[image], label="Examples (click one)")
+                with gr.Column():
+                    caption = gr.Textbox(label="Caption", elem_id="caption", buttons=["copy"], lines=2)
+                    details = gr.Markdown(label="Details", elem_id="details")
+                    alternatives = gr.Dataframe(headers=ALT_HEADERS, label="Alternatives", interactive=False,
+                                                wrap=True, column_widths=["70%", "15%", "15%"])
+        with gr.Tab("Batch"):
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            run_batch = gr.Button("Caption all", variant="primary")
+            batch_summary = gr.Markdown(label="Summary")
+            table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True)
+            downloads = gr.File(label="Downloads (CSV, JSON)", file_count="multiple", interactive=False)
+        with gr.Accordion("Decoding settings", open=True):
+            with gr.Row():
+                method = gr.Radio(list(METHODS), value="Beam search", label="Method")
+                beam = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size", info="beam search only")
+                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature",
+                                        info="sampling only: lower = safer, higher = more varied")
+            with gr.Row():
+                max_len = gr.Slider(1, MAX_WORDS, value=20, step=1, label="Max length (words)")
+                n_best = gr.Slider(1, MAX_ALTERNATIVES, value=3, step=1, label="Alternatives",
+                                   info="captions listed (beam search and sampling)")
+        settings = [method, beam, max_len, n_best, temperature]
+        limit = dict(concurrency_limit=concurrency, concurrency_id="model")  # one limit shared by both events
+        gr.on([image.change, method.change, beam.release, max_len.release, n_best.release, temperature.release],
+              caption_one, inputs=[image, *settings], outputs=[caption, alternatives, details],
+              api_name="caption", preprocess=False, trigger_mode="always_last", **limit)
+        run_batch.click(caption_batch, inputs=[files, *settings], outputs=[table, downloads, batch_summary],
+                        api_name="caption_batch", **limit)
+    app.queue(max_size=64)
+    return app
+
+
+def launch(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 7860,
+           max_upload_mb: float = 20, *, captioner: "Captioner | None" = None, block: bool = True) -> "gr.Blocks":
+    """Serve the demo. Gradio refuses larger uploads before they are stored (`max_file_size`);
+    `block=False` returns the running app (tests use it), to be stopped with `.close()`."""
+    app = build_app(captioner, model, max_upload_mb=max_upload_mb)
+    app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
+               allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block, show_error=True,
+               footer_links=["api"], quiet=not block)
+    return app
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `captioner demo` and `python demo/app.py`, defined once."""
+    parser.add_argument("--model", help="checkpoint (.safetensors) or run folder; default: the bundled model")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 serves other machines (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload (default: 20)")
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Entry point for the CLI: serve until interrupted."""
+    if not 0 < args.port < 65536:
+        raise CaptionerError(f"--port must be between 1 and 65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise CaptionerError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    launch(args.model, args.host, args.port, args.max_upload_mb)
+    return 0

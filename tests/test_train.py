@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_tensors
+from captioner.errors import CaptionerError
+from captioner.inference import Captioner
+from captioner.train import Interrupted, TrainConfig, resume_config, train
+from conftest import make_images
+
+WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_images(root, 10)
+    rows = ["image,caption,split"]
+    for i in range(10):
+        for j in range(3):
+            rows.append(f"img{i}.jpg,a {WORDS[i % 8]} {WORDS[(i + j) % 8]} photo,{'dev' if i >= 8 else 'train'}")
+    (root / "caps.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _cfg(tiny_data, out, **kw):
+    base = dict(data=str(tiny_data / "caps.csv"), out=str(out), cache_dir=str(tiny_data / "cache"), embed_dim=16,
+                hidden_dim=16, min_count=1, batch_size=4, epochs=3, workers=0, warmup_steps=2, patience=10)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "full"), progress=False)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(_cfg(tiny_data, tmp_path / "cut", stop_after_steps=8), progress=False)  # mid-epoch 2 of 3
+    state, meta = load_tensors(tmp_path / "cut" / "state.safetensors")
+    assert meta["progress"]["step"] == 8 and meta["progress"]["batch"] > 0
+    cfg = resume_config(tmp_path / "cut")
+    cfg.stop_after_steps = 0
+    train(cfg, resume=True, progress=False)
+    a, _ = load_tensors(tmp_path / "full" / "state.safetensors")
+    b, _ = load_tensors(tmp_path / "cut" / "state.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    hist_a = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["dev_loss"] for h in hist_a] == [h["dev_loss"] for h in hist_b]
+    for name in ("best.safetensors", "config.json", "vocab.json", "curves.png", "summary.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1), progress=False)
+    a = Captioner.load(tmp_path / "run" / "best.safetensors")
+    b = Captioner.load(tmp_path / "run")  # a run folder works too
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:4]
+    fa, fb = a.encode(imgs), b.encode(imgs)
+    assert torch.equal(fa, fb)
+    assert torch.equal(a.decoder.out.weight, b.decoder.out.weight)
+    assert [c.text for c in a.caption_full(imgs, beam_size=2, n_best=2)] == \
+           [c.text for c in b.caption_full(imgs, beam_size=2, n_best=2)]
+    assert all(a.caption(imgs))
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    import pickle
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(CaptionerError, match="pickle"):
+        Captioner.load(evil)
+    with pytest.raises(CaptionerError, match="not found"):
+        Captioner.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CaptionerError, match="not a captioner checkpoint"):
+        Captioner.load(tmp_path / "other.safetensors")
+
+
+def test_truncated_checkpoint_is_refused(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1), progress=False)
+    data = (tmp_path / "run" / "best.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CaptionerError, match="truncated or corrupt"):
+        Captioner.load(tmp_path / "cut.safetensors")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True, timeout=300)
+    (tmp_path / "file").write_text("x")
+    for args, msg in [(["train", "--data", str(tmp_path / "nope")], "data path not found"),
+                      (["train", "--data", str(tmp_path / "file"), "--out", str(tmp_path / "o")], "cannot tell"),
+                      (["caption", str(tmp_path / "nope.jpg"), "--model", str(tmp_path / "m.safetensors")], "not found"),
+                      (["caption", str(tmp_path / "file"), "--model", str(tmp_path / "file")], "not a readable")]:
+        r = run(*args)
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, r.stderr
