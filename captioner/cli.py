@@ -27,7 +27,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for path in args.images:
         try:
-            c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best)[0]
+            c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
+                                 length_penalty=args.length_penalty)[0]
         except ImageError as e:
             failed += 1
             print(f"captioner: error: {e}", file=sys.stderr)
@@ -77,6 +78,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
+                   args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet)
+    s = res["settings"]
+    print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']} (scores on the 0-100 scale used in papers)")
+    for name, value in res["metrics"].items():
+        print(f"  {name:<8} {value:6.2f}")
+    for note in res["notes"]:
+        print(f"  note: {note}")
+    if args.out:
+        print(f"wrote {args.out}/metrics.json, predictions.json, report.html")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .webapp import run_demo
+    return run_demo(args) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .encoders import ENCODERS
     from .train import TrainConfig
@@ -91,8 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--beam-size", type=_positive_int, default=1, help="beam width; 1 = greedy (default: 1)")
     c.add_argument("--n-best", type=_positive_int, default=1, help="also list the N best captions (default: 1)")
     c.add_argument("--max-len", type=_positive_int, default=20, help="maximum caption length in words (default: 20)")
+    c.add_argument("--length-penalty", type=float, default=0.0,
+                   help="rank beam results by logprob / length**alpha (0 = raw logprob, as the paper)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.set_defaults(func=cmd_caption)
+
+    e = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
+                       description="Decode every image of a split and score the captions against the references "
+                                   "(0-100 scale). With --out, also write metrics.json, predictions.json (COCO "
+                                   "results format) and report.html.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", help="checkpoint or run folder (default: the bundled model)")
+    e.add_argument("--data", required=True, help="dataset path, as for train")
+    e.add_argument("--split", default="test", help="train, dev (val) or test")
+    e.add_argument("--images", help="images folder, where the annotations do not say")
+    e.add_argument("--beam-size", type=_positive_int, default=3)
+    e.add_argument("--max-len", type=_positive_int, default=20)
+    e.add_argument("--length-penalty", type=float, default=0.0)
+    e.add_argument("--out", help="folder for metrics.json, predictions.json and report.html")
+    e.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+    e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
+    e.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_evaluate)
+
+    try:
+        from .webapp import add_demo_arguments
+    except ImportError:
+        add_demo_arguments = None
+    if add_demo_arguments is not None:
+        w = sub.add_parser("demo", help="start the Gradio web demo",
+                           description="Start the Gradio web demo: upload a photo, get a caption.")
+        add_demo_arguments(w)
+        w.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a model", description=(
         "Train a Show and Tell model. Encoder features are computed once and cached; after each epoch the dev "

@@ -56,7 +56,7 @@ class Encoder(nn.Module):
         self.name, self.dim, self.preprocess = name, dim, preprocess
         self.features = features
         self.stages = stages  # plain list: the modules are already registered under `features`
-        self.classifier = classifier
+        self._classifier = [classifier]  # a list, so its weights stay out of state_dict (lite0 shares them)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -66,9 +66,10 @@ class Encoder(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet class scores, to check that pretrained weights really loaded."""
-        if self.classifier is None:
+        clf = self._classifier[0]
+        if clf is None:
             raise CaptionerError(f"encoder {self.name} has no classifier")
-        return self.classifier(self(x))
+        return clf.to(x.device)(self(x))
 
     def freeze(self, trainable_stages: int = 0) -> None:
         """Freeze all but the last `trainable_stages` stages (for fine-tuning the top of the CNN)."""

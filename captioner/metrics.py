@@ -19,3 +19,81 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict
     weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
     scores = corpus_bleu(refs, hyps, weights=weights)
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(scores, 1)}
+
+
+def sentence_bleu4(hypothesis: str, references: Sequence[str]) -> float:
+    """Per-image BLEU-4 (0-100, smoothed so short captions still rank) for the report's ordering."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    return 100.0 * sentence_bleu([tokenize(r) for r in references], tokenize(hypothesis),
+                                 smoothing_function=SmoothingFunction().method1)
+
+
+def coco_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                 per_image: bool = False) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """METEOR, ROUGE-L and CIDEr (0-100) from pycocoevalcap, on our tokenisation.
+
+    Returns (scores, per-image scores, notes); a metric whose requirement is missing (the `coco` extra,
+    or Java for METEOR) is left out with a one-line note instead of failing the evaluation.
+    """
+    scores: dict[str, float] = {}
+    each: dict[str, list[float]] = {}
+    notes: list[str] = []
+    try:
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        return scores, each, ["METEOR, ROUGE-L and CIDEr need the coco extra: pip install \"captioner[coco]\""]
+    res = {i: [" ".join(tokenize(h)) or "<empty>"] for i, h in enumerate(hypotheses)}
+    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+    scorers = [("ROUGE-L", Rouge), ("CIDEr", Cider)]
+    if shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+        scorers.insert(0, ("METEOR", Meteor))
+    else:
+        notes.append("METEOR skipped: it needs Java (java not found on PATH)")
+    for name, cls in scorers:
+        try:
+            scorer = cls()
+            total, per = scorer.compute_score(gts, res)
+            if name == "METEOR":  # close the Java process now rather than at interpreter exit
+                _close_meteor(scorer)
+        except Exception as e:  # a broken Java install must not lose the other metrics
+            notes.append(f"{name} failed: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        scores[name] = 100.0 * float(total)
+        if per_image:
+            each[name] = [100.0 * float(x) for x in per]
+    return scores, each, notes
+
+
+def _close_meteor(scorer) -> None:
+    try:
+        with scorer.lock:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+    except Exception:
+        pass
+
+
+def coco_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU-1..4 (0-100) by the COCO toolkit's own scorer, used by the tests to check `bleu` agrees."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    res = {i: [" ".join(tokenize(h))] for i, h in enumerate(hypotheses)}
+    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its ratios
+        total, _ = Bleu(4).compute_score(gts, res)
+    return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(total, 1)}
+
+
+def all_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                per_image: bool = False) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """BLEU-1..4 always, plus METEOR / ROUGE-L / CIDEr where available; all 0-100."""
+    scores = bleu(hypotheses, references)
+    extra, each, notes = coco_metrics(hypotheses, references, per_image)
+    scores.update(extra)
+    if per_image:
+        each["BLEU-4"] = [sentence_bleu4(h, rs) for h, rs in zip(hypotheses, references)]
+    return scores, each, notes

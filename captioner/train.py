@@ -200,8 +200,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
     fine_tune = cfg.fine_tune_blocks > 0
     paths = [r.image for r in train_recs + dev_recs]
-    if fine_tune:
-        raise CaptionerError("--fine-tune-blocks is not supported in this version; train with the frozen encoder")
+    if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
+        raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
     fs = extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
                           weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
     if fs.bad:
@@ -236,7 +236,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params, "lr_scale": 1.0}]
+    if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder
+        encoder.to(cfg.device).freeze(cfg.fine_tune_blocks)
+        enc_params = [p for p in encoder.parameters() if p.requires_grad]
+        groups.append({"params": enc_params, "lr_scale": 0.1})
+        params = params + enc_params
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    all_paths = [r.image for r in train_recs + dev_recs]
+
+    def image_batch(rows: list[int]) -> torch.Tensor:
+        x = torch.stack([encoder.preprocess(all_paths[r]) for r in rows]).to(cfg.device)
+        return x.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     st = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -244,6 +255,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume:
         tensors, meta = load_tensors(out / "state.safetensors")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if fine_tune:
+            encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
         _restore_optim(optim, tensors, meta["param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         st = meta["progress"]
@@ -257,6 +270,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     @torch.inference_mode()
     def evaluate() -> dict:
         model.eval()
+        if fine_tune:  # the encoder changed: refresh the dev rows' features
+            encoder.eval()
+            for i in range(0, len(dev_rows), 16):
+                feats[dev_rows[i:i + 16]] = encoder(image_batch(dev_rows[i:i + 16])).float().cpu()
         losses, n = 0.0, 0
         for i in range(0, len(dev_items), 256):
             rows, seqs = zip(*dev_items[i:i + 256])
@@ -273,6 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 hs = greedy(model, f, vocab, cfg.max_len)
             hyps += [vocab.decode(h.tokens) for h in hs]
         model.train()
+        encoder.train(fine_tune)
         return {"dev_loss": losses / max(n, 1), **{f"dev_{k}": v for k, v in bleu(hyps, dev_refs).items()},
                 "dev_example": hyps[0] if hyps else ""}
 
@@ -285,6 +303,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     model.train()
+    encoder.train(fine_tune)
     t_start = time.time()
     try:
         while st["epoch"] < cfg.epochs:
@@ -299,8 +318,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 rows = [train_items[i][0] for i in idx]
                 caps, lens = _pad([train_items[i][1] for i in idx])
                 for grp in optim.param_groups:
-                    grp["lr"] = _lr_at(cfg, st["step"], total_steps)
-                loss = model.loss(feats[rows].to(cfg.device), caps.to(cfg.device), lens, cfg.label_smoothing)
+                    grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]
+                f = encoder(image_batch(rows)).float() if fine_tune else feats[rows].to(cfg.device)
+                loss = model.loss(f, caps.to(cfg.device), lens, cfg.label_smoothing)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -328,7 +348,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             improved = scores["dev_BLEU-4"] > st["best_score"]
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = scores["dev_BLEU-4"], epoch + 1, 0
-                save_model(out / "best.safetensors", model, vocab, encoder,
+                save_model(out / "best.safetensors", model, vocab, encoder, include_encoder=fine_tune,
                            extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
                                                                         if k.startswith("dev_BLEU")},
                                             "config": asdict(cfg)}})

@@ -106,13 +106,14 @@ def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperatur
     return method, beam_size, max_len, n_best, temperature
 
 
-def _open_upload(path: str, name: str, max_bytes: float):
-    """Load an uploaded file, naming it as the user knows it (not by its temporary path on the server)."""
+def _open_upload(path: str, name: str, max_bytes: float, draft_size: int | None = None):
+    """Load an uploaded file, naming it as the user knows it (not by its temporary path on the server).
+    `draft_size` lets big JPEGs decode at reduced size, as the encoder's own preprocessing does."""
     size = os.path.getsize(path)
     if size > max_bytes:
         raise ImageError(f"file too large ({size / 2**20:.1f} MB, limit {max_bytes / 2**20:g} MB): {name}")
     try:
-        return load_image(path)
+        return load_image(path, draft_size=draft_size)
     except ImageError as e:
         raise ImageError(str(e).replace(path, name)) from None
 
@@ -143,6 +144,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
 
     cap = captioner or Captioner.load(model_path)
     max_bytes = max_upload_mb * 2**20
+    draft = getattr(cap.encoder.preprocess, "size", None)
     out_dir = Path(tempfile.mkdtemp(prefix="captioner-demo-"))  # batch CSV/JSON files
 
     def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature):
@@ -152,12 +154,11 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         t0 = time.perf_counter()
         try:
             settings = _settings(method, beam_size, max_len, n_best, temperature)
-            img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes)
+            img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes, draft)
             alts = caption_images(cap, [img], *settings)[0]
         except CaptionerError as e:
             raise gr.Error(str(e), duration=None, print_exception=False)  # stays on the page until closed
-        seconds = time.perf_counter() - t0
-        details = f"{seconds:.2f} s · {_describe(settings[0], settings[1], settings[4])} · {img.width}×{img.height} px"
+        details = f"{time.perf_counter() - t0:.2f} s · {_describe(settings[0], settings[1], settings[4])}"
         return alts[0][0], _alternatives_table(alts), details
 
     def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature):
@@ -171,19 +172,17 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         except CaptionerError as e:
             raise gr.Error(str(e), print_exception=False)
         t0 = time.perf_counter()
-        rows: list[list] = []
-        good: list[tuple[int, Any]] = []
-        for p in paths:
-            name = os.path.basename(p)
-            try:
-                good.append((len(rows), _open_upload(p, name, max_bytes)))
-                rows.append([name, "", None, ""])
-            except ImageError as e:
-                rows.append([name, "", None, str(e)])
-        for i in range(0, len(good), 16):  # bounded memory: 16 decoded images at a time
-            chunk = good[i:i + 16]
-            for (row, _), alts in zip(chunk, caption_images(cap, [im for _, im in chunk], *settings)):
-                rows[row][1:3] = [alts[0][0], round(alts[0][1], 3)]
+        rows: list[list] = [[os.path.basename(p), "", None, ""] for p in paths]
+        for start in range(0, len(paths), 16):  # bounded memory: 16 decoded images at a time
+            loaded = []
+            for row, p in enumerate(paths[start:start + 16], start):
+                try:
+                    loaded.append((row, _open_upload(p, rows[row][0], max_bytes, draft)))
+                except ImageError as e:
+                    rows[row][3] = str(e)
+            if loaded:
+                for (row, _), alts in zip(loaded, caption_images(cap, [im for _, im in loaded], *settings)):
+                    rows[row][1:3] = [alts[0][0], round(alts[0][1], 3)]
         for old in out_dir.iterdir():  # keep the folder small on a long-running server
             if time.time() - old.stat().st_mtime > 3600:
                 old.unlink(missing_ok=True)
@@ -197,7 +196,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                    f"{_describe(settings[0], settings[1], settings[4])}")
         return rows, [f"{stem}.csv", f"{stem}.json"], summary
 
-    with gr.Blocks(title="Image captioner", delete_cache=(3600, 3600)) as app:
+    with gr.Blocks(title="Image captioner", delete_cache=(3600, 3600), analytics_enabled=False) as app:
         gr.Markdown("# Image captioner\nEfficientNet-Lite0 encoder + LSTM decoder (Show and Tell). "
                     "Drop, paste or pick a photo; its caption appears below.")
         with gr.Tab("Single image"):
@@ -214,7 +213,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                     alternatives = gr.Dataframe(headers=ALT_HEADERS, label="Alternatives", interactive=False,
                                                 wrap=True, column_widths=["70%", "15%", "15%"])
         with gr.Tab("Batch"):
-            files = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="batch-files")
             run_batch = gr.Button("Caption all", variant="primary")
             batch_summary = gr.Markdown(label="Summary")
             table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True)
@@ -267,5 +266,10 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CaptionerError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise CaptionerError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    launch(args.model, args.host, args.port, args.max_upload_mb)
+    try:
+        launch(args.model, args.host, args.port, args.max_upload_mb)
+    except OSError as e:
+        if "empty port" not in str(e):
+            raise
+        raise CaptionerError(f"port {args.port} on {args.host} is in use; choose another with --port") from None
     return 0

@@ -100,3 +100,17 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode != 0
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_path):
+    from captioner.encoders import create_encoder
+    train(_cfg(tiny_data, tmp_path / "ft", epochs=1, fine_tune_blocks=1), progress=False)
+    tensors, meta = load_tensors(tmp_path / "ft" / "best.safetensors")
+    assert meta["encoder"]["weights_included"]
+    pre = create_encoder().state_dict()
+    head = [k for k in pre if k.startswith("features.net._conv_head")][0]
+    stem = [k for k in pre if k.startswith("features.net._conv_stem")][0]
+    assert not torch.equal(tensors[f"encoder.{head}"], pre[head])  # last stage learned
+    assert torch.equal(tensors[f"encoder.{stem}"], pre[stem])  # frozen stages did not
+    cap = Captioner.load(tmp_path / "ft")
+    assert torch.equal(cap.encoder.state_dict()[head], tensors[f"encoder.{head}"])

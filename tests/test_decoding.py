@@ -1,0 +1,61 @@
+"""Beam search against greedy and against the plain per-image reference, on real images and the bundled model."""
+import pytest
+import torch
+
+from captioner.data import load_dataset
+from captioner.decoding import beam_search, beam_search_reference, greedy
+from captioner.features import extract_features
+from captioner.inference import Captioner
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from conftest import require_shared
+    root = require_shared("flickr8k")
+    cap = Captioner.load()
+    recs = load_dataset(root, split="dev").records[:200]
+    fs = extract_features(cap.encoder, [r.image for r in recs], tmp_path_factory.mktemp("cache"), progress=False,
+                          workers=0)
+    return cap, torch.from_numpy(fs.features.astype("float32"))
+
+
+def test_beam_size_one_equals_greedy(real):
+    cap, feats = real
+    g = greedy(cap.decoder, feats, cap.vocab, max_len=20)
+    b = beam_search(cap.decoder, feats, cap.vocab, beam_size=1, max_len=20)
+    assert [h.tokens for h in g] == [hs[0].tokens for hs in b]
+    assert all(abs(x.logprob - y[0].logprob) < 1e-6 for x, y in zip(g, b))
+
+
+@pytest.mark.parametrize("k,alpha", [(3, 0.0), (5, 0.7)])
+def test_batched_beam_equals_reference(real, k, alpha):
+    cap, feats = real
+    feats = feats[:60]
+    batched = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    assert [[h.tokens for h in hs][:1] for hs in batched] == [[h.tokens for h in hs][:1] for hs in ref]
+    for hs_b, hs_r in zip(batched, ref):
+        assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-6
+
+
+def test_captions_always_end_and_never_empty(real):
+    cap, feats = real
+    v = cap.vocab
+    for max_len in (1, 3, 20):
+        for hs in beam_search(cap.decoder, feats[:50], v, beam_size=3, max_len=max_len, n_best=3,
+                              suppress_unk=True):
+            assert 1 <= len(hs) <= 3
+            assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+            for h in hs:
+                assert 1 <= len(h.tokens) <= max_len
+                assert not {v.pad_id, v.start_id, v.end_id, v.unk_id} & set(h.tokens)
+
+
+def test_captioner_api_batches_and_n_best(photos):
+    cap = Captioner.load()
+    paths = sorted(photos.glob("*.jpg"))[:5]
+    one = cap.caption(paths[0], beam_size=3)
+    many = cap.caption(paths, beam_size=3)
+    assert isinstance(one, str) and one == many[0] and all(many)
+    full = cap.caption_full(paths[:2], beam_size=3, n_best=3)
+    assert all(len(c.alternatives) == 3 and c.alternatives[0][0] == c.text for c in full)
