@@ -46,8 +46,31 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    """Was this flag typed (so it overrides --config / stage defaults)?"""
+    return any(a == flag or a.startswith(flag + "=") for a in args.argv)
+
+
+def cmd_scst(args: argparse.Namespace) -> int:
+    from .scst import ScstConfig, train_scst
+    if not args.init or not args.data:
+        raise CaptionerError("--scst needs --init CKPT (a cross-entropy model) and --data")
+    d = ScstConfig()
+    cfg = ScstConfig(init=args.init, data=args.data, out=args.out, images=args.images,
+                     epochs=args.epochs if _given(args, "--epochs") else d.epochs,
+                     batch_size=args.batch_size if _given(args, "--batch-size") else d.batch_size,
+                     lr=args.lr if _given(args, "--lr") else d.lr, samples=args.samples,
+                     eval_beam=args.eval_beam if _given(args, "--eval-beam") else d.eval_beam, seed=args.seed,
+                     cache_dir=args.cache_dir, workers=args.workers, device=args.device)
+    summary = train_scst(cfg, progress=not args.quiet)
+    print(f"best dev BLEU-4 {summary['best_dev_BLEU-4']:.2f}; model: {summary['checkpoint']} ({summary['seconds']:.0f}s)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Interrupted, TrainConfig, resume_config, train
+    if args.scst:
+        return cmd_scst(args)
     if args.resume:
         cfg = resume_config(args.resume)
     else:
@@ -62,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise CaptionerError(f"cannot read --config {args.config}: {e.strerror}") from None
             except json.JSONDecodeError as e:
                 raise CaptionerError(f"--config {args.config} is malformed JSON ({e.msg})") from None
-            explicit = {k: v for k, v in d.items() if f"--{k.replace('_', '-')}" in sys.argv or k in ("data", "out")}
+            explicit = {k: v for k, v in d.items() if _given(args, f"--{k.replace('_', '-')}") or k in ("data", "out")}
             d = {**base, **explicit}
         cfg = TrainConfig.from_dict(d)
         if os.path.isfile(os.path.join(cfg.out, "state.safetensors")) and not args.overwrite:
@@ -159,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON file of training options (e.g. train/flickr8k.json); flags override it")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run")
+    t.add_argument("--scst", action="store_true", help="second stage: self-critical sequence training on CIDEr-D "
+                   "from --init CKPT (defaults then: 5 epochs, lr 2e-5, 32 images x --samples per batch, dev beam 3)")
+    t.add_argument("--init", help="with --scst: the cross-entropy checkpoint to start from")
+    t.add_argument("--samples", type=_positive_int, default=5, help="with --scst: captions sampled per image")
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
+    t.add_argument("--fine-tune-blocks", type=int, default=d.fine_tune_blocks,
+                   help="also train the encoder's last N stages (images then run through the CNN each step)")
     t.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
     t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
     t.add_argument("--num-layers", type=_positive_int, default=d.num_layers)
@@ -183,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-beam", type=_positive_int, default=d.eval_beam, help="beam size for the per-epoch dev BLEU")
     t.add_argument("--save-every", type=int, default=d.save_every, help="also save resumable state every N steps")
     t.add_argument("--stop-after-steps", type=int, default=d.stop_after_steps, help=argparse.SUPPRESS)
+    t.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     return p
@@ -191,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except CaptionerError as e:

@@ -114,3 +114,30 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
     assert torch.equal(tensors[f"encoder.{stem}"], pre[stem])  # frozen stages did not
     cap = Captioner.load(tmp_path / "ft")
     assert torch.equal(cap.encoder.state_dict()[head], tensors[f"encoder.{head}"])
+
+
+def test_scst_stage_runs_from_a_cross_entropy_model(tiny_data, tmp_path):
+    from captioner.cli import main
+    train(_cfg(tiny_data, tmp_path / "xe", epochs=2), progress=False)
+    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
+                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "2", "--batch-size", "4",
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
+    hist = [json.loads(l) for l in (tmp_path / "scst" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and all(0 <= h["train_cider"] for h in hist[1:])
+    assert Captioner.load(tmp_path / "scst").caption(sorted(tiny_data.glob("img*.jpg"))[:2])
+
+
+def test_scst_sampling_and_cider_d():
+    from captioner.model import DecoderConfig, ShowAndTell
+    from captioner.scst import CiderD, sample
+    from captioner.vocab import Vocabulary
+    v = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
+    m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8)).eval()
+    caps, lens = sample(m, torch.randn(3, 8), v, 4, 6, torch.Generator().manual_seed(0))
+    assert caps.shape[0] == 12 and (caps[:, 0] == v.start_id).all()
+    for row, n in zip(caps.tolist(), lens.tolist()):
+        assert row[n - 1] == v.end_id and all(t == v.pad_id for t in row[n:]) and 3 <= n <= 8
+    refs = [["a dog runs on grass", "a brown dog runs"], ["a cat sits on a mat", "a cat is sitting"]] * 3
+    c = CiderD(refs)
+    s = c(["a dog runs on grass", "a banana phone"], refs[:2])
+    assert s[0] > 1.0 and s[1] == 0.0

@@ -1,0 +1,202 @@
+"""Self-critical sequence training (Rennie et al. 2017) as a second stage after cross-entropy training.
+
+The model samples several captions per image; each is rewarded with its CIDEr-D against the image's
+references, minus the mean reward of the image's other samples (the baseline), and the policy gradient
+raises the log-probability of better-than-average captions. This optimises the test metric directly
+instead of next-word likelihood. CIDEr-D is the COCO toolkit's scorer, with document frequencies taken
+once from all training references (as the SCST paper does), not from each batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_text
+from .data import load_dataset
+from .decoding import beam_search
+from .errors import CaptionerError
+from .features import extract_features
+from .inference import load_model, save_model
+from .metrics import bleu
+from .model import ShowAndTell
+from .vocab import Vocabulary, tokenize
+
+
+class _Corpus(list):
+    """A list whose len() is the training corpus size, so the scorer's idf uses corpus statistics."""
+
+    corpus_size = 1
+
+    def __len__(self) -> int:
+        return self.corpus_size
+
+
+class CiderD:
+    """pycocoevalcap's CIDEr-D with document frequencies fixed from a reference corpus."""
+
+    def __init__(self, references: list[list[str]]):
+        try:
+            from pycocoevalcap.cider.cider_scorer import CiderScorer
+        except ImportError:
+            raise CaptionerError('SCST needs pycocoevalcap for CIDEr-D: pip install "captioner[coco]"') from None
+        self._cls = CiderScorer
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for refs in references:
+            scorer.cook_append(None, [" ".join(tokenize(r)) for r in refs])
+        scorer.compute_doc_freq()
+        self.df = scorer.document_frequency
+        self.n_docs = len(references)
+
+    def __call__(self, hyps: list[str], refs: list[list[str]]) -> np.ndarray:
+        s = self._cls(n=4, sigma=6.0)
+        for h, rs in zip(hyps, refs):
+            s.cook_append(h, rs)
+        s.document_frequency = self.df
+        crefs = _Corpus(s.crefs)
+        crefs.corpus_size = self.n_docs
+        s.crefs = crefs
+        return np.array(s.compute_cider())
+
+
+@dataclass
+class ScstConfig:
+    init: str = ""  # cross-entropy checkpoint to start from
+    data: str = ""
+    out: str = "runs/scst"
+    images: str | None = None
+    epochs: int = 5
+    batch_size: int = 32  # images per batch
+    samples: int = 5  # captions sampled per image
+    lr: float = 2e-5
+    max_len: int = 16
+    eval_beam: int = 3
+    seed: int = 0
+    cache_dir: str | None = None
+    workers: int = 2
+    device: str = "cpu"
+
+
+def sample(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, n: int, max_len: int,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sampled captions per image: ids [B*n, T] as `<start> w.. <end> <pad>..` and lengths incl. start/end."""
+    feats = features.repeat_interleave(n, dim=0)
+    state = model.init_state(feats)
+    N = feats.shape[0]
+    tokens = torch.full((N,), vocab.start_id, dtype=torch.long)
+    seqs = [tokens]
+    done = torch.zeros(N, dtype=torch.bool)
+    lengths = torch.full((N,), max_len + 2, dtype=torch.long)
+    for t in range(max_len + 1):
+        logp, state = model.step(tokens, state)
+        logp[:, vocab.pad_id] = logp[:, vocab.start_id] = logp[:, vocab.unk_id] = -float("inf")
+        if t == 0:
+            logp[:, vocab.end_id] = -float("inf")
+        if t == max_len:  # force an end
+            tokens = torch.full((N,), vocab.end_id, dtype=torch.long)
+        else:
+            tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        tokens = torch.where(done, torch.full_like(tokens, vocab.pad_id), tokens)
+        seqs.append(tokens)
+        newly = ~done & (tokens == vocab.end_id)
+        lengths[newly] = t + 2
+        done |= newly
+        if bool(done.all()):
+            break
+    return torch.stack(seqs, 1), lengths
+
+
+def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
+    """Fine-tune a cross-entropy model with SCST; keeps the checkpoint with the best dev BLEU-4 (beam search)."""
+    torch.manual_seed(cfg.seed)
+    model, vocab, encoder, meta = load_model(cfg.init)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CaptionerError(f"--out {out} exists and is not a folder")
+    ds = load_dataset(cfg.data, images=cfg.images)
+    train_recs = [r for r in ds.records if r.split == "train"]
+    dev_recs = [r for r in ds.records if r.split == "dev"]
+    if not train_recs or not dev_recs:
+        raise CaptionerError("SCST needs a train and a dev split in --data")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    fs = extract_features(encoder, [r.image for r in train_recs + dev_recs], cfg.cache_dir, workers=cfg.workers,
+                          progress=progress)
+    valid = fs.valid_mask()
+    feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
+    n_train = len(train_recs)
+    train_rows = [i for i in range(n_train) if valid[i]]
+    dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
+    tok_refs = {i: [" ".join(tokenize(c)) for c in train_recs[i].captions] for i in train_rows}
+    cider = CiderD([train_recs[i].captions for i in train_rows])
+    dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
+    model = model.to(cfg.device)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    @torch.inference_mode()
+    def dev_scores() -> dict:
+        model.eval()
+        hyps = []
+        for i in range(0, len(dev_rows), 200):
+            hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20)
+            hyps += [vocab.decode(h[0].tokens) for h in hs]
+        return {**bleu(hyps, dev_refs), "example": hyps[0]}
+
+    best = dev_scores()
+    history = [{"epoch": 0, **best}]
+    best_score = best["BLEU-4"]
+    print(f"start: dev BLEU-4 {best_score:.2f} (beam {cfg.eval_beam})", flush=True)
+    save_model(out / "best.safetensors", model, vocab, encoder, extra={"train": meta.get("train", {}), "scst": {
+        "epoch": 0, "dev": {k: v for k, v in best.items() if k != "example"}, "config": asdict(cfg)}})
+    t0 = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        steps = math.ceil(len(order) / cfg.batch_size)
+        bar = tqdm(range(steps), desc=f"scst {epoch}/{cfg.epochs}", disable=not progress, dynamic_ncols=True)
+        rewards = []
+        for b in bar:
+            rows = [train_rows[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()]
+            f = feats[rows].to(cfg.device)
+            model.eval()  # sample and score without dropout, so the policy is the one we ship
+            with torch.no_grad():
+                caps, lens = sample(model, f, vocab, cfg.samples, cfg.max_len, gen)
+            hyps = [" ".join(tokenize(vocab.decode(c))) for c in caps.tolist()]
+            refs = [tok_refs[r] for r in rows for _ in range(cfg.samples)]
+            r = torch.from_numpy(cider(hyps, refs)).float().view(len(rows), cfg.samples)
+            baseline = (r.sum(1, keepdim=True) - r) / (cfg.samples - 1)
+            adv = (r - baseline).view(-1).to(cfg.device)
+            logits, targets = model(f.repeat_interleave(cfg.samples, 0), caps.to(cfg.device), lens)
+            tok_lp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
+            from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pack_padded_sequence
+            packed = pack_padded_sequence(torch.zeros(len(lens), int(lens.max()) - 1), lens - 1, batch_first=True,
+                                          enforce_sorted=False)
+            seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
+                                                        packed.unsorted_indices), batch_first=True)[0].sum(1)
+            loss = -(adv * seq_lp).mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optim.step()
+            rewards.append(float(r.mean()))
+            bar.set_postfix(cider=f"{np.mean(rewards[-20:]):.3f}")
+        bar.close()
+        sc = dev_scores()
+        history.append({"epoch": epoch, "train_cider": float(np.mean(rewards)), **sc})
+        improved = sc["BLEU-4"] > best_score
+        print(f"scst epoch {epoch}: train CIDEr-D {np.mean(rewards):.3f}, dev BLEU-4 {sc['BLEU-4']:.2f}"
+              f"{' (best)' if improved else ''}; e.g. \"{sc['example']}\"", flush=True)
+        if improved:
+            best_score = sc["BLEU-4"]
+            save_model(out / "best.safetensors", model, vocab, encoder, extra={"train": meta.get("train", {}), "scst": {
+                "epoch": epoch, "dev": {k: v for k, v in sc.items() if k != "example"}, "config": asdict(cfg)}})
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    return {"best_dev_BLEU-4": best_score, "seconds": round(time.time() - t0, 1),
+            "checkpoint": str(out / "best.safetensors")}
