@@ -33,11 +33,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk: say which file it was
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -51,6 +53,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete temporary files left by `atomic_write_bytes` in a process that was killed mid-write
+    (`.NAME.XXXX.tmp`); call it only where no other process is writing into `folder`."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -74,7 +89,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                 return load_tensors(path / name)
         raise CaptionerError(f"{path} is a folder with no best.safetensors or model.safetensors in it")
     data = path.read_bytes()
-    if data[:2] == b"PK" or data[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
+    # safetensors: 8 bytes of header length (any value: its low byte is 0x80 once in 256 files), then '{'.
+    # A pickle starts with 0x80 + protocol byte, a torch.save zip with 'PK'.
+    looks_safetensors = data[8:9] == b"{"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (not looks_safetensors and (data[:2] == b"PK" or data[:1] == b"\x80")):
         raise CaptionerError(f"refusing {path}: it looks like a pickle/PyTorch file, which can run code when "
                              f"loaded; captioner checkpoints are .safetensors files")
     try:
@@ -85,9 +103,13 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         if header_len > len(data) - 8:
             raise SafetensorError("header longer than file")
         header = json.loads(data[8:8 + header_len])
+        if not isinstance(header, dict):
+            raise SafetensorError("header is not a JSON object")
         meta_raw = header.get("__metadata__") or {}
+        if not isinstance(meta_raw, dict):
+            raise SafetensorError("__metadata__ is not a JSON object")
         tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError, struct.error) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, struct.error, OverflowError) as e:
         raise CaptionerError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): {e}") from None
     if meta_raw.get("format") != FORMAT or "captioner" not in meta_raw:
         raise CaptionerError(f"{path} is a safetensors file but not a captioner checkpoint (no '{FORMAT}' metadata)")

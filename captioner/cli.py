@@ -20,6 +20,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .inference import Captioner
@@ -55,6 +65,8 @@ def cmd_scst(args: argparse.Namespace) -> int:
     from .scst import ScstConfig, train_scst
     if not args.init or not args.data:
         raise CaptionerError("--scst needs --init CKPT (a cross-entropy model) and --data")
+    from .train import check_device
+    check_device(args.device)
     d = ScstConfig()
     cfg = ScstConfig(init=args.init, data=args.data, out=args.out, images=args.images,
                      epochs=args.epochs if _given(args, "--epochs") else d.epochs,
@@ -85,6 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise CaptionerError(f"cannot read --config {args.config}: {e.strerror}") from None
             except json.JSONDecodeError as e:
                 raise CaptionerError(f"--config {args.config} is malformed JSON ({e.msg})") from None
+            except UnicodeDecodeError:
+                raise CaptionerError(f"--config {args.config} is not a UTF-8 text file") from None
+            if not isinstance(base, dict):
+                raise CaptionerError(f"--config {args.config} must hold a JSON object of options, "
+                                     f"not a {type(base).__name__}")
             explicit = {k: v for k, v in d.items() if _given(args, f"--{k.replace('_', '-')}") or k in ("data", "out")}
             d = {**base, **explicit}
         cfg = TrainConfig.from_dict(d)
@@ -153,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-len", type=_positive_int, default=20)
     e.add_argument("--length-penalty", type=float, default=0.0)
     e.add_argument("--out", help="folder for metrics.json, predictions.json and report.html")
-    e.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+    e.add_argument("--limit", type=_nonneg_int, default=0, help="score only the first N images (0 = all)")
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
-    e.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    e.add_argument("--workers", type=_nonneg_int, default=2, help="image decoding processes")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -188,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=_positive_int, default=5, help="with --scst: captions sampled per image")
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
-    t.add_argument("--fine-tune-blocks", type=int, default=d.fine_tune_blocks,
+    t.add_argument("--fine-tune-blocks", type=_nonneg_int, default=d.fine_tune_blocks,
                    help="also train the encoder's last N stages (images then run through the CNN each step)")
     t.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
     t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
@@ -199,19 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="maximum epochs")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW; warmup then cosine decay)")
-    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     t.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="stop after this many epochs without a better dev BLEU-4")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    t.add_argument("--workers", type=_nonneg_int, default=d.workers, help="image decoding processes")
     t.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
-    t.add_argument("--dev-images", type=int, default=d.dev_images, help="dev images scored per epoch (0 = all)")
+    t.add_argument("--dev-images", type=_nonneg_int, default=d.dev_images, help="dev images scored per epoch (0 = all)")
     t.add_argument("--eval-beam", type=_positive_int, default=d.eval_beam, help="beam size for the per-epoch dev BLEU")
-    t.add_argument("--save-every", type=int, default=d.save_every, help="also save resumable state every N steps")
-    t.add_argument("--stop-after-steps", type=int, default=d.stop_after_steps, help=argparse.SUPPRESS)
+    t.add_argument("--save-every", type=_nonneg_int, default=d.save_every, help="also save resumable state every N steps")
+    t.add_argument("--stop-after-steps", type=_nonneg_int, default=d.stop_after_steps, help=argparse.SUPPRESS)
     t.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)

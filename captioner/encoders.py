@@ -105,9 +105,15 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CaptionerError(f"cannot read encoder weights {path}: {e}") from None
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses any pickle that is not plain tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptionerError(f"refusing encoder weights {path}: not a plain tensor file ({first[:160]})") from None
+    except Exception as e:  # weights_only refuses any pickle that is not plain tensors, before running it
+        import re
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has ANSI bold and a page of advice
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[\w ]*(?:invalid|truncated|"
+                          r"failed finding central directory|not a zip|EOF|unpickling stack underflow)[\w ]*",
+                          text, re.IGNORECASE)
+        reason = found.group(0).strip() if found else type(e).__name__
+        raise CaptionerError(f"refusing encoder weights {path}: not a plain tensor file, and pickles can run code "
+                             f"when loaded ({reason[:120]}); use .safetensors or a weights-only .pth") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -192,6 +198,9 @@ ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
     "inception_v3": _torchvision("inception_v3", "Inception_V3_Weights", 299),
 }
 DEFAULT_ENCODER = "efficientnet_lite0"
+# Feature size of each encoder, known without building it (checkpoints are checked against it first).
+ENCODER_DIMS = {"efficientnet_lite0": 1280, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+                "inception_v3": 2048}
 
 
 def create_encoder(name: str = DEFAULT_ENCODER, weights: str | None = None, pretrained: bool = True) -> Encoder:

@@ -45,6 +45,10 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
              progress: bool = True) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
+    if limit < 0 or workers < 0:
+        raise CaptionerError("--limit and --workers must be >= 0")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CaptionerError(f"--out {out_dir} exists and is not a folder")  # say so before the long decoding
     cap = Captioner.load(model)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records

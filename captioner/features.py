@@ -7,6 +7,7 @@ progress is recorded after every batch. Unreadable images are skipped and report
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -86,6 +87,26 @@ def cache_key(paths: Sequence[Path], encoder: Encoder, weights_tag: str = "") ->
     return h.hexdigest()[:24]
 
 
+def _reserve(npy: Path, cache_dir: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: the new file is sparse, and writing through a map
+    onto a full disk kills the process with SIGBUS instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        fd = os.open(npy, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            n = npy.stat().st_size
+            size = f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+            raise CaptionerError(f"no space left for the feature cache in {cache_dir} (needs {size}); "
+                                 f"free some or pass --cache-dir DIR") from None
+        # other errors (e.g. a filesystem without fallocate): carry on as before
+
+
 def extract_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | Path | None = None,
                      batch_size: int = 4, workers: int = 2, progress: bool = True, weights_tag: str = "",
                      device: str = "cpu") -> FeatureSet:
@@ -116,7 +137,10 @@ def extract_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | P
         feats = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(len(paths), encoder.dim))
     else:
         feats = np.load(npy, mmap_mode="r+")
+    _reserve(npy, cache_dir)
     encoder = encoder.to(device).eval()
+    if device == "cpu":  # leave two cores to the encoder's threads: on a 2-core CPU, decoding workers fighting
+        workers = min(workers, max(0, (os.cpu_count() or 1) - 2))  # them were far slower than inline (eval/BENCH.md)
     data = ImageFiles([Path(p) for p in paths], encoder.preprocess, offset=state["done"])
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
                         persistent_workers=False, pin_memory=device != "cpu")

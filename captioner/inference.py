@@ -40,33 +40,52 @@ def save_model(path: str | Path, decoder: ShowAndTell, vocab: Vocabulary, encode
     save_tensors(path, tensors, meta)
 
 
+def _first_problem(e: RuntimeError) -> str:
+    """The informative line of load_state_dict's message (its first line only says that it failed)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    useful = [l for l in lines if l.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (useful or lines or [type(e).__name__])[0][:200]
+
+
 def load_model(path: str | Path) -> tuple[ShowAndTell, Vocabulary, Encoder, dict]:
+    """Everything is checked against the metadata before the encoder is built (which may download weights)."""
+    from .encoders import ENCODER_DIMS, ENCODERS
     tensors, meta = load_tensors(path)
     try:
         vocab = Vocabulary(meta["vocab"])
         cfg = DecoderConfig.from_dict(meta["decoder"])
         enc_meta = meta["encoder"]
         enc_name = enc_meta["name"]
-    except (KeyError, TypeError) as e:
-        raise CaptionerError(f"{path}: checkpoint metadata lacks {e}") from None
+        with_encoder = bool(enc_meta.get("weights_included"))
+        saved_pre = Preprocess.from_dict(enc_meta["preprocess"]) if "preprocess" in enc_meta else None
+        decoder = ShowAndTell(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CaptionerError(f"{path}: checkpoint metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if cfg.vocab_size != len(vocab):
         raise CaptionerError(f"{path}: decoder expects {cfg.vocab_size} words but the vocabulary has {len(vocab)}")
-    with_encoder = bool(enc_meta.get("weights_included"))
-    encoder = create_encoder(enc_name, pretrained=not with_encoder)
-    if encoder.dim != cfg.feature_dim:
-        raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
-    saved_pre = Preprocess.from_dict(enc_meta.get("preprocess", encoder.preprocess.to_dict()))
-    encoder.preprocess = saved_pre
-    decoder = ShowAndTell(cfg)
+    if enc_name not in ENCODERS:
+        raise CaptionerError(f"{path}: unknown encoder {enc_name!r} (known: {', '.join(ENCODERS)})")
+    for dim in (ENCODER_DIMS.get(enc_name), enc_meta.get("dim")):
+        if dim is not None and dim != cfg.feature_dim:
+            raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} "
+                                 f"gives {dim}-d ones")
     dec_sd = {k[len("decoder."):]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
     try:
         decoder.load_state_dict(dec_sd)
-        if with_encoder:
-            enc_sd = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
-                      for k, v in tensors.items() if k.startswith("encoder.")}
-            encoder.load_state_dict(enc_sd)
     except RuntimeError as e:
-        raise CaptionerError(f"{path}: weights do not match the config ({str(e).splitlines()[0][:200]})") from None
+        raise CaptionerError(f"{path}: weights do not match the config ({_first_problem(e)})") from None
+    encoder = create_encoder(enc_name, pretrained=not with_encoder)
+    if encoder.dim != cfg.feature_dim:
+        raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
+    if saved_pre is not None:
+        encoder.preprocess = saved_pre
+    if with_encoder:
+        enc_sd = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
+                  for k, v in tensors.items() if k.startswith("encoder.")}
+        try:
+            encoder.load_state_dict(enc_sd)
+        except RuntimeError as e:
+            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({_first_problem(e)})") from None
     return decoder.eval(), vocab, encoder.eval(), meta
 
 

@@ -10,16 +10,17 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, remove_stale_temp_files, save_tensors
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
+from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
 from .encoders import DEFAULT_ENCODER, create_encoder
 from .errors import CaptionerError
 from .features import extract_features
@@ -61,6 +62,7 @@ class TrainConfig:
     save_every: int = 0  # also save resumable state every N steps (0 = only at epoch ends and on Ctrl-C)
     stop_after_steps: int = 0  # testing aid: behave as if interrupted after N steps in total
     device: str = "cpu"
+    amp: bool = False  # mixed precision: bf16 autocast where supported, else fp16 + GradScaler (CUDA)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -71,15 +73,51 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        names = {type(None): "a string or null", bool: "true or false", float: "a number", int: "a whole number",
+                 str: "a string"}
+        for f in fields(self):  # a config.json can hold anything: types first, so the checks below can compare
+            v, d = getattr(self, f.name), f.default
+            ok = ((v is None or isinstance(v, str)) if d is None else isinstance(v, bool) if isinstance(d, bool)
+                  else isinstance(v, type(d)) and not isinstance(v, bool) if not isinstance(d, float)
+                  else isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not ok and d is not MISSING:
+                raise CaptionerError(f"option {f.name} must be {names.get(type(d), type(d).__name__)}, got {v!r}")
         checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-                  (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0")]
+                  (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0"),
+                  (math.isfinite(self.lr), "learning rate must be finite"),
+                  (0 <= self.weight_decay < math.inf, "weight decay must be >= 0"),
+                  (0 <= self.grad_clip < math.inf, "grad clip must be >= 0 (0 = off)"),
+                  (0 <= self.min_lr_ratio <= 1, "min lr ratio must be in [0, 1]"),
+                  (self.num_layers >= 1 and self.patience >= 1 and self.eval_beam >= 1,
+                   "layers, patience and eval beam must be >= 1"),
+                  (min(self.warmup_steps, self.save_every, self.dev_images, self.stop_after_steps) >= 0,
+                   "warmup steps, save every, dev images and stop after steps must be >= 0")]
         for ok, msg in checks:
             if not ok:
                 raise CaptionerError(msg)
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """One line for a device this machine lacks (torch would fail deep inside training with a traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CaptionerError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CaptionerError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CaptionerError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CaptionerError(f"--device {device}: Apple MPS is not available here (use --device cpu)")
+    elif dev.type != "cpu":
+        raise CaptionerError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
 
 
 class Interrupted(Exception):
@@ -167,7 +205,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
     cfg.validate()
     out = Path(cfg.out)
+    dctx = dist_setup(cfg.device)  # one process, or this rank of a torchrun job (see distributed.py)
+    progress = progress and dctx.is_main
     def log(*a) -> None:  # progress bars off (--quiet) still leaves one line per event
+        if not dctx.is_main:
+            return
         msg = " ".join(str(x) for x in a)
         tqdm.write(msg) if progress else print(msg, flush=True)
 
@@ -186,12 +228,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise CaptionerError(f"{cfg.data} has no training images")
     log(full.summary())
     _prepare_out(out)
+    if dctx.is_main:  # a process killed mid-save leaves its temporary file; the real one is intact
+        remove_stale_temp_files(out)
 
     # --- vocabulary (from training captions only; a resumed run keeps its own) ---
     if resume:
-        vocab = Vocabulary(json.loads((out / "vocab.json").read_text()))
+        vocab = Vocabulary.load(out / "vocab.json")
     else:
         vocab = Vocabulary.build((c for r in train_recs for c in r.captions), cfg.min_count)
+        if len(vocab) == len(Vocabulary.SPECIALS):
+            raise CaptionerError(f"no word occurs {cfg.min_count} times in the training captions; lower --min-count")
+    if not resume and dctx.is_main:
         atomic_write_text(out / "vocab.json", json.dumps(vocab.to_list()))
         atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     log(f"vocabulary: {len(vocab)} words (min count {cfg.min_count})")
@@ -202,9 +249,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     paths = [r.image for r in train_recs + dev_recs]
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
         raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
-    fs = extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
-                          weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
-    if fs.bad:
+    with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
+        fs = extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+                              weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
+    if fs.bad and dctx.is_main:
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
@@ -246,7 +294,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     all_paths = [r.image for r in train_recs + dev_recs]
 
     def image_batch(rows: list[int]) -> torch.Tensor:
-        x = torch.stack([encoder.preprocess(all_paths[r]) for r in rows]).to(cfg.device)
+        x = to_device(torch.stack([encoder.preprocess(all_paths[r]) for r in rows]), cfg.device)
         return x.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -254,15 +302,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
           "history": [], "train_loss_sum": 0.0, "train_loss_n": 0}
     if resume:
         tensors, meta = load_tensors(out / "state.safetensors")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if fine_tune:
-            encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
-        _restore_optim(optim, tensors, meta["param_groups"])
-        torch.set_rng_state(tensors["rng.torch"])
-        st = meta["progress"]
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            if fine_tune:
+                encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+            _restore_optim(optim, tensors, meta["param_groups"])
+            torch.set_rng_state(tensors["rng.torch"])
+            st = meta["progress"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            why = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), (str(e).splitlines() or [type(e).__name__])[0][:160])
+            raise CaptionerError(f"{out / 'state.safetensors'} does not fit this run's vocab.json and config.json "
+                                 f"({why})") from None
         log(f"resuming at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
+    ddp = dctx.wrap(model, cfg.device)  # the model itself with one process
+    enc_fwd = dctx.wrap(encoder, cfg.device) if fine_tune else encoder
+    amp, scaler = autocast(cfg.device, cfg.amp)  # a null context and no scaler unless --amp
 
     def save_state() -> None:
+        if not dctx.is_main:
+            return
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim.state_dict()["param_groups"]]
         save_tensors(out / "state.safetensors", _state_tensors(model, encoder, optim, fine_tune),
                      {"progress": st, "param_groups": groups, "config": asdict(cfg)})
@@ -315,32 +373,51 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             t_epoch, n_caps = time.time(), 0
             for b in range(st["batch"], steps_per_epoch):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                rows = [train_items[i][0] for i in idx]
-                caps, lens = _pad([train_items[i][1] for i in idx])
+                mine = dctx.shard(idx) or idx[:1]  # DDP: a rank left out of a short last batch adds 0 x one item
+                rows = [train_items[i][0] for i in mine]
+                caps, lens = _pad([train_items[i][1] for i in mine])
                 for grp in optim.param_groups:
                     grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]
-                f = encoder(image_batch(rows)).float() if fine_tune else feats[rows].to(cfg.device)
-                loss = model.loss(f, caps.to(cfg.device), lens, cfg.label_smoothing)
+                with amp:
+                    f = enc_fwd(image_batch(rows)).float() if fine_tune else to_device(feats[rows], cfg.device)
+                    if dctx.enabled:
+                        loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens, cfg.label_smoothing,
+                                        sum(len(train_items[i][1]) - 1 for i in idx), dctx.world,
+                                        weight=float(bool(dctx.shard(idx))))
+                    else:
+                        loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing)
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optim.step()
+                if scaler is None:
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optim.step()
+                else:  # fp16: scaled gradients, unscaled before clipping; steps with inf/nan are skipped
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(optim)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(optim)
+                    scaler.update()
+                loss_value, halt = loss.item(), False
+                if dctx.enabled:  # the global batch's mean loss; every rank stops when any one was interrupted
+                    loss_value, halt = dctx.sum([loss_value, float(stop["flag"])], cfg.device)
+                    loss_value, halt = loss_value / dctx.world, halt > 0
                 st["batch"], st["step"] = b + 1, st["step"] + 1
-                st["train_loss_sum"] += loss.item()
+                st["train_loss_sum"] += loss_value
                 st["train_loss_n"] += 1
                 n_caps += len(idx)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
                     save_state()
                 if cfg.stop_after_steps and st["step"] >= cfg.stop_after_steps:
-                    stop["flag"] = True
-                if stop["flag"]:
+                    stop["flag"] = halt = True
+                if halt if dctx.enabled else stop["flag"]:
                     raise Interrupted
             bar.close()
             # --- end of epoch: evaluate with real decoding, keep the best, maybe stop early ---
-            scores = evaluate()
+            scores = dctx.broadcast(evaluate() if dctx.is_main else None)  # DDP: rank 0 decodes the dev split
             row = {"epoch": epoch + 1, "step": st["step"], "lr": optim.param_groups[0]["lr"],
                    "train_loss": st["train_loss_sum"] / max(st["train_loss_n"], 1),
                    "epoch_seconds": round(time.time() - t_epoch, 1), **scores}
@@ -348,17 +425,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             improved = scores["dev_BLEU-4"] > st["best_score"]
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = scores["dev_BLEU-4"], epoch + 1, 0
-                save_model(out / "best.safetensors", model, vocab, encoder, include_encoder=fine_tune,
-                           extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
-                                                                        if k.startswith("dev_BLEU")},
-                                            "config": asdict(cfg)}})
+                if dctx.is_main:
+                    save_model(out / "best.safetensors", model, vocab, encoder, include_encoder=fine_tune,
+                               extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
+                                                                            if k.startswith("dev_BLEU")},
+                                                "config": asdict(cfg)}})
             else:
                 st["bad_epochs"] += 1
             log(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, dev loss {row['dev_loss']:.3f}, "
                 f"dev BLEU-4 {scores['dev_BLEU-4']:.2f}{' (best)' if improved else ''}; e.g. \"{scores['dev_example']}\"")
             st.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0)
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st["history"]))
-            plot_curves(st["history"], out / "curves.png")
+            if dctx.is_main:
+                atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st["history"]))
+                plot_curves(st["history"], out / "curves.png")
             if st["bad_epochs"] >= cfg.patience:
                 log(f"early stop: dev BLEU-4 has not improved for {cfg.patience} epochs")
                 st["epoch"] = cfg.epochs
@@ -370,10 +449,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        dctx.close()
     summary = {"best_epoch": st["best_epoch"], "best_dev_BLEU-4": st["best_score"],
                "epochs_run": len(st["history"]), "seconds": round(time.time() - t_start, 1),
                "checkpoint": str(out / "best.safetensors")}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if dctx.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,8 +1,10 @@
 """Tokenizer and vocabulary, shared by training, decoding and evaluation so scores compare like with like."""
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import CaptionerError
@@ -33,6 +35,25 @@ class Vocabulary:
         self.stoi = {w: i for i, w in enumerate(words)}
 
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    SPECIALS = SPECIALS
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        """A vocab.json (a JSON list of words) as written by training; a clear error for anything else."""
+        try:
+            words = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CaptionerError(f"vocabulary file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CaptionerError(f"cannot read vocabulary {path}: {getattr(e, 'strerror', None) or e}") from None
+        except json.JSONDecodeError as e:
+            raise CaptionerError(f"{path} is malformed JSON ({e.msg})") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise CaptionerError(f"{path} must hold a JSON list of words")
+        try:
+            return cls(words)
+        except CaptionerError as e:
+            raise CaptionerError(f"{path}: {e}") from None
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":

@@ -57,7 +57,8 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     for t in range(max_len):
         logp, state = cap.decoder.step(tokens, state)
         logp = logp.double()
-        barred = [vocab.pad_id, vocab.start_id, vocab.unk_id] + ([vocab.end_id] if t == 0 else [])
+        barred = [vocab.pad_id, vocab.start_id] + ([vocab.unk_id] if len(vocab) > len(vocab.SPECIALS) else []) \
+            + ([vocab.end_id] if t == 0 else [])
         logp[:, barred] = -math.inf  # as greedy and beam search do: no empty or <unk> captions
         tokens = torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen).squeeze(1)
         picked = logp.gather(1, tokens[:, None]).squeeze(1).cpu()

@@ -1,0 +1,147 @@
+"""DistributedDataParallel (2 CPU processes, gloo, through torchrun) and mixed precision (bf16 autocast on CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_tensors
+from captioner.distributed import DistContext, autocast, ddp_loss, setup
+from captioner.inference import Captioner
+from captioner.train import TrainConfig, train
+from conftest import make_images
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
+# 8 training images x 3 captions + 1 = 25 captions: with batch 8 the last global batch holds one caption,
+# so with 2 processes rank 1 gets none of it (the zero-weight placeholder path) and the shards differ in size.
+TINY = dict(embed_dim=16, hidden_dim=16, min_count=1, batch_size=8, epochs=3, workers=0, warmup_steps=2,
+            patience=10, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_ddp")
+    make_images(root, 10)
+    rows = ["image,caption,split"]
+    for i in range(10):
+        for j in range(3):
+            rows.append(f"img{i}.jpg,a {WORDS[i % 8]} {WORDS[(i + j) % 8]} photo,{'dev' if i >= 8 else 'train'}")
+    rows.append("img0.jpg,a very red square photo,train")
+    (root / "caps.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli_args(tiny: Path, out: Path, **kw) -> list[str]:
+    opts = {**TINY, **kw}
+    args = ["train", "--data", str(tiny / "caps.csv"), "--out", str(out), "--cache-dir", str(tiny / "cache"), "--quiet"]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_one_process_context_is_a_pass_through(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = setup("cpu")
+    assert not ctx.enabled and ctx.is_main and ctx.shard([3, 1, 2]) == [3, 1, 2]
+    m = torch.nn.Linear(2, 2)
+    assert ctx.wrap(m, "cpu") is m and ctx.broadcast({"a": 1}) == {"a": 1} and ctx.sum([1.0, 2.0]) == [1.0, 2.0]
+    with ctx.local_main_first():
+        pass
+    assert autocast("cpu", False)[1] is None
+
+
+def test_sharded_loss_sums_to_the_one_process_loss_and_gradient():
+    """The per-rank losses DDP averages give exactly the one-process mean loss and gradient, even with
+    uneven shards and an empty one (a zero-weight placeholder)."""
+    from captioner.model import DecoderConfig, ShowAndTell
+    torch.manual_seed(0)
+    m = ShowAndTell(DecoderConfig(30, 12, 8, 8, dropout=0.0))
+    lens = torch.tensor([7, 3, 5, 4, 6])
+    caps = torch.randint(4, 30, (5, 7)) * (torch.arange(7) < lens[:, None])
+    feats = torch.randn(5, 12)
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    ref = m.loss(feats, caps, lens)
+    g_ref = grads(ref)
+    for world in (2, 3, 6):  # world 6 > 5 captions: rank 5 gets none
+        total, g_sum, n_tok = 0.0, None, int((lens - 1).sum())
+        for rank in range(world):
+            ctx = DistContext(rank, world)
+            mine = ctx.shard(list(range(5)))
+            use = mine or [0]
+            loss = ddp_loss(m, feats[use], caps[use], lens[use], 0.0, n_tok, world, weight=float(bool(mine)))
+            total += loss.item()
+            g = grads(loss)
+            g_sum = g if g_sum is None else [a + b for a, b in zip(g_sum, g)]
+        assert abs(total / world - ref.item()) < 1e-6
+        for a, b in zip(g_sum, g_ref):
+            torch.testing.assert_close(a / world, b, rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_give_the_one_process_loss_curve(tiny, tmp_path):
+    """torchrun with 2 gloo processes, global batch 8 (4 + 4, the last batch 1 + 0): the same training as 1 process."""
+    train(TrainConfig(data=str(tiny / "caps.csv"), out=str(tmp_path / "one"), cache_dir=str(tiny / "cache"), **TINY),
+          progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "captioner.cli", *_cli_args(tiny, tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("best dev BLEU-4") == 2  # each rank returns; only rank 0 logs epochs
+    assert r.stdout.count("epoch 1: train loss") + r.stderr.count("epoch 1: train loss") == 1
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert len(one) == len(two) == 3 and [h["step"] for h in two] == [4, 8, 12]
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["dev_loss"] == pytest.approx(a["dev_loss"], rel=1e-4)
+    assert one[0]["train_loss"] > one[-1]["train_loss"]  # it really trained
+    sa, _ = load_tensors(tmp_path / "one" / "state.safetensors")
+    sb, _ = load_tensors(tmp_path / "two" / "state.safetensors")
+    for k in sa:
+        if k.startswith("model."):
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "two").glob(".*.tmp"))
+
+
+def test_amp_bf16_autocast_trains_on_cpu(tiny, tmp_path):
+    ctx, scaler = autocast("cpu", True)
+    assert scaler is None and ctx.fast_dtype == torch.bfloat16
+    base = dict(data=str(tiny / "caps.csv"), cache_dir=str(tiny / "cache"), **{**TINY, "epochs": 2})
+    train(TrainConfig(out=str(tmp_path / "fp32"), **base), progress=False)
+    train(TrainConfig(out=str(tmp_path / "bf16"), amp=True, **base), progress=False)
+    fp32, bf16 = _history(tmp_path / "fp32"), _history(tmp_path / "bf16")
+    for a, b in zip(fp32, bf16):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.03)  # bf16 rounding, same training
+        assert b["train_loss"] != a["train_loss"]  # autocast really ran in lower precision
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["amp"] is True
+    cap = Captioner.load(tmp_path / "bf16")
+    assert cap.decoder.out.weight.dtype == torch.float32 and all(cap.caption(sorted(tiny.glob("img*.jpg"))[:2]))
+
+
+def test_small_batch_decoding_step_equals_model_step():
+    """decoding._step (torch.lstm_cell for small CPU batches, the demo's latency fix) computes model.step."""
+    from captioner.decoding import SMALL_BATCH, _step
+    from captioner.model import DecoderConfig, ShowAndTell
+    torch.manual_seed(0)
+    for layers in (1, 2):
+        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers)).eval()
+        for B in (1, 3, SMALL_BATCH + 1):
+            tokens = torch.randint(0, 40, (B,))
+            state = (torch.randn(layers, B, 16), torch.randn(layers, B, 16))
+            with torch.inference_mode():
+                a, (ha, ca) = m.step(tokens, state)
+                b, (hb, cb) = _step(m, tokens, state)
+            for x, y in ((a, b), (ha, hb), (ca, cb)):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
