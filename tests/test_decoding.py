@@ -35,7 +35,7 @@ def test_batched_beam_equals_reference(real, k, alpha):
     ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
     assert [[h.tokens for h in hs][:1] for hs in batched] == [[h.tokens for h in hs][:1] for hs in ref]
     for hs_b, hs_r in zip(batched, ref):
-        assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-6
+        assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-4  # float32 sums: batch shape changes rounding
 
 
 def test_captions_always_end_and_never_empty(real):

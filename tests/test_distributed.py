@@ -145,3 +145,33 @@ def test_small_batch_decoding_step_equals_model_step():
                 b, (hb, cb) = _step(m, tokens, state)
             for x, y in ((a, b), (ha, hb), (ca, cb)):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_extraction_saves_progress_when_interrupted_and_resumes(tiny, tmp_path, monkeypatch):
+    """Progress is written every few seconds (not after every batch, which cost more than the encoder), and on
+    an interruption: resuming then computes only the rest, and the features equal an uninterrupted run's."""
+    import numpy as np
+
+    from captioner import features
+    from captioner.encoders import create_encoder
+    enc = create_encoder()
+    paths = sorted(tiny.glob("img*.jpg"))
+    whole = features.extract_features(enc, paths, tmp_path / "whole", batch_size=2, workers=0, progress=False)
+    calls = {"n": 0}
+    real_forward = type(enc).forward
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_forward(self, x)
+    monkeypatch.setattr(type(enc), "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        features.extract_features(enc, paths, tmp_path / "cut", batch_size=2, workers=0, progress=False)
+    (index,) = (tmp_path / "cut").glob("*.json")
+    state = json.loads(index.read_text())
+    assert state["done"] == 4 and not state["complete"]  # two batches of 2 kept although no timed save came
+    calls["n"] = 100
+    again = features.extract_features(enc, paths, tmp_path / "cut", batch_size=2, workers=0, progress=False)
+    assert calls["n"] == 100 + (len(paths) - 4) // 2  # only the rest was computed
+    assert np.array_equal(np.asarray(again.features), np.asarray(whole.features))
