@@ -10,7 +10,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, remove_stale_temp_files, save_tensors
-from .data import Dataset, Record, load_dataset
+from .data import Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
 from .encoders import DEFAULT_ENCODER, create_encoder

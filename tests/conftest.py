@@ -46,3 +46,19 @@ def make_images(folder: Path, n: int, size: int = 64) -> list[Path]:
         img.save(p, quality=90)
         paths.append(p)
     return paths
+
+
+TINY_WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
+
+
+def make_tiny_dataset(root: Path, extra_rows: tuple[str, ...] = ()) -> Path:
+    """10 synthetic images (8 train, 2 dev) with 3 captions each, as caps.csv: enough to train tiny models."""
+    make_images(root, 10)
+    rows = ["image,caption,split"]
+    for i in range(10):
+        for j in range(3):
+            rows.append(f"img{i}.jpg,a {TINY_WORDS[i % 8]} {TINY_WORDS[(i + j) % 8]} photo,"
+                        f"{'dev' if i >= 8 else 'train'}")
+    rows += list(extra_rows)
+    (root / "caps.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -12,10 +12,9 @@ from captioner.checkpoint import load_tensors
 from captioner.distributed import DistContext, autocast, ddp_loss, setup
 from captioner.inference import Captioner
 from captioner.train import TrainConfig, train
-from conftest import make_images
+from conftest import make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
 # 8 training images x 3 captions + 1 = 25 captions: with batch 8 the last global batch holds one caption,
 # so with 2 processes rank 1 gets none of it (the zero-weight placeholder path) and the shards differ in size.
 TINY = dict(embed_dim=16, hidden_dim=16, min_count=1, batch_size=8, epochs=3, workers=0, warmup_steps=2,
@@ -25,14 +24,7 @@ TINY = dict(embed_dim=16, hidden_dim=16, min_count=1, batch_size=8, epochs=3, wo
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_ddp")
-    make_images(root, 10)
-    rows = ["image,caption,split"]
-    for i in range(10):
-        for j in range(3):
-            rows.append(f"img{i}.jpg,a {WORDS[i % 8]} {WORDS[(i + j) % 8]} photo,{'dev' if i >= 8 else 'train'}")
-    rows.append("img0.jpg,a very red square photo,train")
-    (root / "caps.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return make_tiny_dataset(root, ("img0.jpg,a very red square photo,train",))
 
 
 def _history(run: Path) -> list[dict]:

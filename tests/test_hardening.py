@@ -28,9 +28,8 @@ from captioner.checkpoint import load_tensors, save_tensors
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.train import TrainConfig, train
-from conftest import ROOT, make_images
+from conftest import ROOT, make_images, make_tiny_dataset
 
-WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
 TINY = ["--embed-dim", "16", "--hidden-dim", "16", "--min-count", "1", "--batch-size", "4", "--workers", "0"]
 
 
@@ -48,13 +47,7 @@ def one_thread():
 def tiny(tmp_path_factory) -> Path:
     """10 synthetic images (8 train, 2 dev), 3 captions each, and a feature cache shared by the module."""
     root = tmp_path_factory.mktemp("tiny")
-    make_images(root, 10)
-    rows = ["image,caption,split"]
-    for i in range(10):
-        for j in range(3):
-            rows.append(f"img{i}.jpg,a {WORDS[i % 8]} {WORDS[(i + j) % 8]} photo,{'dev' if i >= 8 else 'train'}")
-    (root / "caps.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return make_tiny_dataset(root)
 
 
 @pytest.fixture(scope="module")

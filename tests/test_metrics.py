@@ -1,6 +1,6 @@
 import json
 
-import pytest
+
 
 from captioner.data import load_dataset
 from captioner.metrics import bleu, coco_bleu

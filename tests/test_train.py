@@ -9,21 +9,14 @@ from captioner.checkpoint import load_tensors
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.train import Interrupted, TrainConfig, resume_config, train
-from conftest import make_images
+from conftest import make_tiny_dataset
 
-WORDS = ["red", "green", "blue", "dark", "bright", "striped", "square", "photo"]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    make_images(root, 10)
-    rows = ["image,caption,split"]
-    for i in range(10):
-        for j in range(3):
-            rows.append(f"img{i}.jpg,a {WORDS[i % 8]} {WORDS[(i + j) % 8]} photo,{'dev' if i >= 8 else 'train'}")
-    (root / "caps.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return make_tiny_dataset(root)
 
 
 def _cfg(tiny_data, out, **kw):
