@@ -5,6 +5,7 @@ the image size and normalisation it was trained with, so features and checkpoint
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,7 +105,9 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CaptionerError(f"cannot read encoder weights {path}: {e}") from None
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; our one-line error says enough
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickle that is not plain tensors, before running it
         import re
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has ANSI bold and a page of advice
