@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -59,7 +59,6 @@ class ShowAndTell(nn.Module):
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
-        from torch.nn.utils.rnn import pad_packed_sequence
         hidden, _ = pad_packed_sequence(out, batch_first=True)
         hidden = pack_padded_sequence(hidden[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text
@@ -175,7 +176,6 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             logits, targets = model(f.repeat_interleave(cfg.samples, 0), caps.to(cfg.device), lens)
             tok_lp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
-            from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pack_padded_sequence
             packed = pack_padded_sequence(torch.zeros(len(lens), int(lens.max()) - 1), lens - 1, batch_first=True,
                                           enforce_sorted=False)
             seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
