@@ -62,18 +62,20 @@ def greedy(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, max_le
     out = torch.zeros(B, max_len, dtype=torch.long)
     logprob = torch.zeros(B, dtype=torch.float64)
     lengths = torch.full((B,), max_len, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
+    live = torch.arange(B)  # captions still running: only their rows are computed (as in beam_search)
     for t in range(max_len):
         logp, state = _step(model, tokens, state)
         logp = _mask(logp.double(), t, vocab, suppress_unk)
         best, tokens = logp.max(-1)
-        logprob += torch.where(done, torch.zeros_like(best), best).double().cpu()
-        out[:, t] = tokens.cpu()
-        newly = (~done) & (tokens.cpu() == vocab.end_id)
-        lengths[newly] = t  # words before <end>
-        done |= newly
-        if bool(done.all()):
+        logprob[live] += best.cpu()
+        out[live, t] = tokens.cpu()
+        ended = tokens.cpu() == vocab.end_id
+        lengths[live[ended]] = t  # words before <end>
+        if bool(ended.all()):
             break
+        keep = ~ended
+        live, tokens = live[keep], tokens[keep.to(tokens.device)]
+        state = (state[0][:, keep.to(tokens.device)], state[1][:, keep.to(tokens.device)])
     hyps = []
     for b in range(B):
         toks = out[b, : lengths[b]].tolist()
@@ -101,28 +103,37 @@ def beam_search(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, b
     scores = torch.full((B, K), -float("inf"), dtype=torch.float64, device=dev)
     scores[:, 0] = 0.0  # only one live beam at the start
     tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
-    seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)  # <pad> after each caption's end
     finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, K, dtype=torch.long, device=dev)
+    # A finished beam only extends with <pad> at no cost, so it keeps its score and place.
+    frozen = torch.full((V,), -float("inf"), dtype=torch.float64, device=dev)
+    frozen[vocab.pad_id] = 0.0
+    live = torch.arange(B, device=dev)  # images with an unfinished beam: only their rows are computed
     for t in range(max_len):
+        L = live.shape[0]
         logp, state = _step(model, tokens, state)
-        logp = _mask(logp.double(), t, vocab, suppress_unk).view(B, K, V)
-        # A finished beam only extends with <pad> at no cost, so it keeps its score and place.
-        frozen = torch.full((V,), -float("inf"), dtype=torch.float64, device=dev)
-        frozen[vocab.pad_id] = 0.0
-        logp = torch.where(finished.unsqueeze(-1), frozen, logp)
-        cand = (scores.unsqueeze(-1) + logp).view(B, K * V)
-        scores, idx = cand.topk(K, dim=-1)
+        logp = _mask(logp.double(), t, vocab, suppress_unk).view(L, K, V)
+        done_l = finished[live]
+        logp = torch.where(done_l.unsqueeze(-1), frozen, logp)
+        cand = (scores[live].unsqueeze(-1) + logp).view(L, K * V)
+        top, idx = cand.topk(K, dim=-1)
         beam, word = idx // V, idx % V
-        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[-1])), word.unsqueeze(-1)], -1)
-        was_finished = finished.gather(1, beam)
-        lengths = lengths.gather(1, beam) + (~was_finished & (word != vocab.end_id)).long()
-        finished = was_finished | (word == vocab.end_id)
-        flat = (beam + torch.arange(B, device=dev).unsqueeze(1) * K).view(-1)
-        state = (state[0][:, flat], state[1][:, flat])
-        tokens = word.view(-1)
-        if bool(finished.all()):
+        prev = seqs[live].gather(1, beam.unsqueeze(-1).expand(-1, -1, max_len))
+        prev[:, :, t] = word
+        seqs[live] = prev
+        was_finished = done_l.gather(1, beam)
+        lengths[live] = lengths[live].gather(1, beam) + (~was_finished & (word != vocab.end_id)).long()
+        finished[live] = was_finished | (word == vocab.end_id)
+        scores[live] = top
+        flat = (beam + torch.arange(L, device=dev).unsqueeze(1) * K).view(-1)
+        still = ~finished[live].all(1)
+        if not bool(still.any()):
             break
+        rows = flat.view(L, K)[still].view(-1)  # drop the rows of images whose beams have all ended
+        state = (state[0][:, rows], state[1][:, rows])
+        tokens = word[still].view(-1)
+        live = live[still]
     ranked = _normalise(scores, lengths, length_penalty)
     ranked = torch.where(torch.isfinite(scores), ranked, torch.full_like(ranked, -float("inf")))
     order = ranked.argsort(dim=1, descending=True)
