@@ -51,6 +51,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         pass
 
 
+def check_out_dir(path: str | Path) -> Path:
+    """Fail early (before long work) when an output folder cannot be one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CaptionerError(f"--out {path} exists and is not a folder")
+    return path
+
+
+def prepare_out_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create an output folder, or say in one line why it cannot be."""
+    path = check_out_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaptionerError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -73,9 +73,9 @@ def greedy(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, max_le
         lengths[live[ended]] = t  # words before <end>
         if bool(ended.all()):
             break
-        keep = ~ended
-        live, tokens = live[keep], tokens[keep.to(tokens.device)]
-        state = (state[0][:, keep.to(tokens.device)], state[1][:, keep.to(tokens.device)])
+        keep = (~ended).to(tokens.device)
+        live, tokens = live[~ended], tokens[keep]
+        state = (state[0][:, keep], state[1][:, keep])
     hyps = []
     for b in range(B):
         toks = out[b, : lengths[b]].tolist()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .errors import CaptionerError
 from .features import extract_features
@@ -47,8 +47,8 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     t0 = time.time()
     if limit < 0 or workers < 0:
         raise CaptionerError("--limit and --workers must be >= 0")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise CaptionerError(f"--out {out_dir} exists and is not a folder")  # say so before the long decoding
+    if out_dir is not None:
+        check_out_dir(out_dir)  # say so before the long decoding
     cap = Captioner.load(model)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
@@ -70,10 +70,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
                            "seconds": round(time.time() - t0, 1)},
               "notes": notes}
     if out_dir is not None:
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise CaptionerError(f"--out {out} exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_out_dir(out_dir)
         atomic_write_text(out / "metrics.json", json.dumps({**result["metrics"], "settings": result["settings"],
                                                             "notes": notes}, indent=2))
         atomic_write_text(out / "predictions.json", json.dumps(

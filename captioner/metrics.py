@@ -21,6 +21,15 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(scores, 1)}
 
 
+def _toolkit_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                    empty: str = "<empty>") -> tuple[dict, dict]:
+    """pycocoevalcap's {id: [sentence]} dicts on our tokenisation; `empty` stands in for an empty caption
+    (METEOR's Java process cannot take an empty line)."""
+    res = {i: [" ".join(tokenize(h)) or empty] for i, h in enumerate(hypotheses)}
+    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+    return res, gts
+
+
 def sentence_bleu4(hypothesis: str, references: Sequence[str]) -> float:
     """Per-image BLEU-4 (0-100, smoothed so short captions still rank) for the report's ordering."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -43,8 +52,7 @@ def coco_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError:
         return scores, each, ["METEOR, ROUGE-L and CIDEr need the coco extra: pip install \"captioner[coco]\""]
-    res = {i: [" ".join(tokenize(h)) or "<empty>"] for i, h in enumerate(hypotheses)}
-    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+    res, gts = _toolkit_inputs(hypotheses, references)
     scorers = [("ROUGE-L", Rouge), ("CIDEr", Cider)]
     if shutil.which("java"):
         from pycocoevalcap.meteor.meteor import Meteor
@@ -79,8 +87,7 @@ def _close_meteor(scorer) -> None:
 def coco_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """BLEU-1..4 (0-100) by the COCO toolkit's own scorer, used by the tests to check `bleu` agrees."""
     from pycocoevalcap.bleu.bleu import Bleu
-    res = {i: [" ".join(tokenize(h))] for i, h in enumerate(hypotheses)}
-    gts = {i: [" ".join(tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+    res, gts = _toolkit_inputs(hypotheses, references, empty="")
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its ratios

@@ -12,14 +12,13 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .decoding import beam_search
 from .errors import CaptionerError
@@ -117,15 +116,13 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     """Fine-tune a cross-entropy model with SCST; keeps the checkpoint with the best dev BLEU-4 (beam search)."""
     torch.manual_seed(cfg.seed)
     model, vocab, encoder, meta = load_model(cfg.init)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise CaptionerError(f"--out {out} exists and is not a folder")
+    out = check_out_dir(cfg.out)
     ds = load_dataset(cfg.data, images=cfg.images)
     train_recs = [r for r in ds.records if r.split == "train"]
     dev_recs = [r for r in ds.records if r.split == "dev"]
     if not train_recs or not dev_recs:
         raise CaptionerError("SCST needs a train and a dev split in --data")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     fs = extract_features(encoder, [r.image for r in train_recs + dev_recs], cfg.cache_dir, workers=cfg.workers,
                           progress=progress)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, remove_stale_temp_files, save_tensors
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, prepare_out_dir, remove_stale_temp_files, save_tensors
 from .data import Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
@@ -192,15 +192,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise CaptionerError(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CaptionerError(f"cannot create run folder {out}: {e.strerror or e}") from None
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
     cfg.validate()
@@ -227,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if not train_recs:
         raise CaptionerError(f"{cfg.data} has no training images")
     log(full.summary())
-    _prepare_out(out)
+    prepare_out_dir(out, "run folder")
     if dctx.is_main:  # a process killed mid-save leaves its temporary file; the real one is intact
         remove_stale_temp_files(out)
 
