@@ -381,7 +381,8 @@ def main() -> int:
         add(3, f"beam search K=3, Flickr8k dev",
             f"{r['batched']:.0f} captions/s (batched, {r['n_batched']} images)",
             f"{r['ref']:.1f} captions/s (beam_search_reference, {r['n_ref']} images)",
-            f"{r['batched'] / r['ref']:.0f}x faster", "same captions", r["same"] == r["n_ref"])
+            f"{r['batched'] / r['ref']:.1f}x faster", ">= 8x, same captions",
+            r["batched"] / r["ref"] >= 8 and r["same"] == r["n_ref"])
         notes.append(f"[3] identical captions: {r['same']}/{r['n_ref']} (largest log-prob difference "
                      f"{r['close']:.1e}); batched decoding in calls of 100 images, as `captioner evaluate`.")
     if 4 in only:
