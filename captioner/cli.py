@@ -82,8 +82,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resume_config(args.resume)
     else:
-        if not args.data:
-            raise CaptionerError("--data is required (or --resume RUN_DIR)")
         d = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
         if args.config:
             try:
@@ -98,8 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not isinstance(base, dict):
                 raise CaptionerError(f"--config {args.config} must hold a JSON object of options, "
                                      f"not a {type(base).__name__}")
-            explicit = {k: v for k, v in d.items() if _given(args, f"--{k.replace('_', '-')}") or k in ("data", "out")}
-            d = {**base, **explicit}
+            explicit = {k: v for k, v in d.items() if _given(args, f"--{k.replace('_', '-')}")}
+            if args.data:
+                explicit["data"] = args.data
+            d = {**d, **base, **explicit}
+        if not d.get("data"):
+            raise CaptionerError("--data is required (or --resume RUN_DIR, or a --config that names it)")
         cfg = TrainConfig.from_dict(d)
         if os.path.isfile(os.path.join(cfg.out, "state.safetensors")) and not args.overwrite:
             raise CaptionerError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "

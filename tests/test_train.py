@@ -134,3 +134,19 @@ def test_scst_sampling_and_cider_d():
     c = CiderD(refs)
     s = c(["a dog runs on grass", "a banana phone"], refs[:2])
     assert s[0] > 1.0 and s[1] == 0.0
+
+
+def test_config_file_alone_names_data_and_out(tiny_data, tmp_path, monkeypatch):
+    """`captioner train --config recipe.json` repeats a recipe; typed flags still win over the file."""
+    from captioner.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.json").write_text(json.dumps({
+        "data": str(tiny_data / "caps.csv"), "out": "from-config", "epochs": 1, "batch_size": 4,
+        "embed_dim": 8, "hidden_dim": 8, "min_count": 1, "seed": 3}))
+    common = ["--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]
+    assert main(["train", "--config", "recipe.json", *common]) == 0
+    cfg = json.loads((tmp_path / "from-config" / "config.json").read_text())
+    assert (cfg["hidden_dim"], cfg["seed"], cfg["epochs"]) == (8, 3, 1)
+    assert main(["train", "--config", "recipe.json", "--out", "typed", "--seed", "5", *common]) == 0
+    cfg = json.loads((tmp_path / "typed" / "config.json").read_text())
+    assert (cfg["seed"], cfg["hidden_dim"]) == (5, 8)
