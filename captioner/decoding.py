@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import ShowAndTell
+from .model import Decoder, Ensemble
 from .vocab import Vocabulary
 
 
@@ -27,8 +27,11 @@ class Hypothesis:
 SMALL_BATCH = 64
 
 
-def _step(model: ShowAndTell, tokens: torch.Tensor, state):
+def _step(model: Decoder, tokens: torch.Tensor, state):
     """`model.step`, through torch.lstm_cell for small CPU batches of an eval-mode model."""
+    if isinstance(model, Ensemble):
+        outs = [_step(m, tokens, s) for m, s in zip(model.members, model.split_state(state))]
+        return model.join([o[0] for o in outs], [o[1] for o in outs])
     lstm = model.lstm
     if tokens.shape[0] > SMALL_BATCH or tokens.device.type != "cpu" or lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)
@@ -53,7 +56,7 @@ def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> 
 
 
 @torch.inference_mode()
-def greedy(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
+def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
            suppress_unk: bool = False) -> list[Hypothesis]:
     """Most likely word at each step, for a batch of image features [B, D]."""
     B = features.shape[0]
@@ -88,7 +91,7 @@ def _normalise(logprob: torch.Tensor, lengths: torch.Tensor, alpha: float) -> to
 
 
 @torch.inference_mode()
-def beam_search(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
+def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
                 suppress_unk: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search: all B images x K beams advance as one batch of B*K sequences.
@@ -150,7 +153,7 @@ def beam_search(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, b
 
 
 @torch.inference_mode()
-def beam_search_reference(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
+def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                           max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
                           suppress_unk: bool = False) -> list[list[Hypothesis]]:
     """Textbook beam search, one image and one beam at a time (slow; the tests' reference)."""

@@ -12,7 +12,7 @@ from .decoding import Hypothesis, beam_search, greedy
 from .encoders import Encoder, Preprocess, create_encoder
 from .errors import CaptionerError
 from .images import ImageSource
-from .model import DecoderConfig, ShowAndTell
+from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0.safetensors"
@@ -25,7 +25,7 @@ class Caption:
     alternatives: list[tuple[str, float]]  # n-best (text, logprob), best first; includes `text`
 
 
-def save_model(path: str | Path, decoder: ShowAndTell, vocab: Vocabulary, encoder: Encoder,
+def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: Encoder,
                extra: dict | None = None, include_encoder: bool = False, half: bool = False) -> None:
     """Self-contained model checkpoint (see checkpoint.py). `half` stores weights as float16."""
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
@@ -34,6 +34,7 @@ def save_model(path: str | Path, decoder: ShowAndTell, vocab: Vocabulary, encode
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
+            **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                         "weights_included": include_encoder},
             **(extra or {})}
@@ -47,7 +48,7 @@ def _first_problem(e: RuntimeError) -> str:
     return (useful or lines or [type(e).__name__])[0][:200]
 
 
-def load_model(path: str | Path) -> tuple[ShowAndTell, Vocabulary, Encoder, dict]:
+def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     """Everything is checked against the metadata before the encoder is built (which may download weights)."""
     from .encoders import ENCODER_DIMS, ENCODERS
     tensors, meta = load_tensors(path)
@@ -58,7 +59,13 @@ def load_model(path: str | Path) -> tuple[ShowAndTell, Vocabulary, Encoder, dict
         enc_name = enc_meta["name"]
         with_encoder = bool(enc_meta.get("weights_included"))
         saved_pre = Preprocess.from_dict(enc_meta["preprocess"]) if "preprocess" in enc_meta else None
-        decoder = ShowAndTell(cfg)
+        if "ensemble" in meta:
+            members = meta["ensemble"]
+            if not isinstance(members, list) or not members:
+                raise ValueError("'ensemble' must list the members' decoder configs")
+            decoder = Ensemble([ShowAndTell(DecoderConfig.from_dict(d)) for d in members])
+        else:
+            decoder = ShowAndTell(cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CaptionerError(f"{path}: checkpoint metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if cfg.vocab_size != len(vocab):
@@ -89,6 +96,34 @@ def load_model(path: str | Path) -> tuple[ShowAndTell, Vocabulary, Encoder, dict
     return decoder.eval(), vocab, encoder.eval(), meta
 
 
+def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], half: bool = False) -> int:
+    """One checkpoint holding the decoders of several runs (same data, vocabulary and encoder), which
+    then decode together (model.Ensemble). Returns the number of members."""
+    decoders: list[ShowAndTell] = []
+    first = None
+    for ckpt in checkpoints:
+        decoder, vocab, encoder, meta = load_model(ckpt)
+        if meta["encoder"].get("weights_included"):
+            raise CaptionerError(f"{ckpt}: a fine-tuned encoder cannot be shared by an ensemble")
+        if first is None:
+            first = (vocab, encoder, meta)
+        elif vocab.to_list() != first[0].to_list():
+            raise CaptionerError(f"{ckpt}: vocabulary differs from {checkpoints[0]}'s; ensemble members must be "
+                                 f"trained on the same data with the same --min-count")
+        elif (encoder.name, encoder.preprocess) != (first[1].name, first[1].preprocess):
+            raise CaptionerError(f"{ckpt}: encoder differs from {checkpoints[0]}'s")
+        decoders += list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
+    if first is None:
+        raise CaptionerError("no checkpoints to combine")
+    try:
+        ensemble = Ensemble(decoders)
+    except ValueError as e:
+        raise CaptionerError(str(e)) from None
+    extra = {"ensemble_of": [str(c) for c in checkpoints]}
+    save_model(path, ensemble, first[0], first[1], extra=extra, half=half)
+    return len(decoders)
+
+
 class Captioner:
     """A trained captioning model ready for inference.
 
@@ -96,7 +131,7 @@ class Captioner:
     >>> cap.caption(["dog.jpg"])        # ['a brown dog is running through the grass']
     """
 
-    def __init__(self, decoder: ShowAndTell, vocab: Vocabulary, encoder: Encoder, meta: dict | None = None,
+    def __init__(self, decoder: Decoder, vocab: Vocabulary, encoder: Encoder, meta: dict | None = None,
                  device: str = "cpu"):
         self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
         self.meta, self.device = meta or {}, device

@@ -6,6 +6,7 @@ Loss is cross-entropy over real tokens only: outputs are packed, so padding cost
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -79,3 +80,43 @@ class ShowAndTell(nn.Module):
         """Log-probabilities of the next word for each sequence, given its last token."""
         out, state = self.lstm(self.word_embed(tokens).unsqueeze(1), state)
         return F.log_softmax(self.out(out.squeeze(1)), dim=-1), state
+
+
+class Ensemble(nn.Module):
+    """Decoders trained alike from different seeds that vote on each next word, as the NIC paper's
+    best results did. Next-word probabilities are averaged; the members' LSTM states are stacked along
+    the layer axis, so decoding loops select and prune rows of one (h, c) pair exactly as for one model.
+    """
+
+    def __init__(self, members: list[ShowAndTell]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one decoder")
+        first = members[0].cfg
+        for m in members[1:]:
+            if (m.cfg.vocab_size, m.cfg.feature_dim, m.cfg.hidden_dim) != (first.vocab_size, first.feature_dim,
+                                                                           first.hidden_dim):
+                raise ValueError("ensemble members must share vocabulary, feature and hidden sizes")
+        self.members = nn.ModuleList(members)
+        self.cfg = first
+
+    def split_state(self, state: State) -> list[State]:
+        sizes = [m.cfg.num_layers for m in self.members]
+        return list(zip(state[0].split(sizes), state[1].split(sizes)))
+
+    @staticmethod
+    def join(logps: list[torch.Tensor], states: list[State]) -> tuple[torch.Tensor, State]:
+        """Average of the members' probabilities, as log-probabilities; their states stacked."""
+        logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
+        return logp, (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+
+    def init_state(self, features: torch.Tensor) -> State:
+        states = [m.init_state(features) for m in self.members]
+        return torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        outs = [m.step(tokens, s) for m, s in zip(self.members, self.split_state(state))]
+        return self.join([o[0] for o in outs], [o[1] for o in outs])
+
+
+Decoder = ShowAndTell | Ensemble

@@ -116,6 +116,9 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     """Fine-tune a cross-entropy model with SCST; keeps the checkpoint with the best dev BLEU-4 (beam search)."""
     torch.manual_seed(cfg.seed)
     model, vocab, encoder, meta = load_model(cfg.init)
+    if "ensemble" in meta:
+        raise CaptionerError(f"{cfg.init} is an ensemble; run SCST on each member's checkpoint, then combine "
+                             f"them (train/bundle.py CKPT CKPT ...)")
     out = check_out_dir(cfg.out)
     ds = load_dataset(cfg.data, images=cfg.images)
     train_recs = [r for r in ds.records if r.split == "train"]

@@ -1,0 +1,124 @@
+"""Ensembles of decoders: the vote is the average of the members' probabilities, decoding treats the
+stacked states like one model's, and several runs combine into one checkpoint that loads anywhere."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.decoding import _step, beam_search, beam_search_reference, greedy
+from captioner.inference import Captioner, save_ensemble
+from captioner.model import DecoderConfig, Ensemble, ShowAndTell
+from captioner.train import TrainConfig, train
+from captioner.vocab import Vocabulary
+from conftest import make_tiny_dataset
+
+WORDS = "a dog cat runs sits on the grass in water red ball".split()
+
+
+def _models(n: int, layers: int = 1) -> tuple[list[ShowAndTell], Vocabulary]:
+    vocab = Vocabulary.build([" ".join(WORDS)], min_count=1)
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        m = ShowAndTell(DecoderConfig(len(vocab), feature_dim=12, embed_dim=10, hidden_dim=10, num_layers=layers))
+        for p in m.parameters():
+            p.data.mul_(4)  # sharper distributions, so members really disagree
+        out.append(m.eval())
+    return out, vocab
+
+
+def test_one_member_is_the_model_itself():
+    (m,), vocab = _models(1)
+    feats = torch.randn(5, 12)
+    assert [h.tokens for h in greedy(Ensemble([m]), feats, vocab)] == [h.tokens for h in greedy(m, feats, vocab)]
+    a = beam_search(Ensemble([m]), feats, vocab, beam_size=3, n_best=3)
+    b = beam_search(m, feats, vocab, beam_size=3, n_best=3)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_vote_is_the_mean_of_member_probabilities(layers):
+    members, vocab = _models(3, layers)
+    ens = Ensemble(members).eval()
+    feats, tokens = torch.randn(4, 12), torch.tensor([1, 4, 5, 6])
+    with torch.no_grad():
+        logp, state = ens.step(tokens, ens.init_state(feats))
+        probs = [m.step(tokens, m.init_state(feats))[0].exp() for m in members]
+        assert torch.allclose(logp, torch.stack(probs).mean(0).log(), atol=1e-5)
+        assert state[0].shape == (3 * layers, 4, 10)
+        fast, fast_state = _step(ens, tokens, ens.init_state(feats))  # lstm_cell path, member by member
+        assert torch.allclose(fast, logp, atol=1e-5) and torch.allclose(fast_state[1], state[1], atol=1e-5)
+    assert not torch.allclose(probs[0], probs[1], atol=1e-3)  # the test means something
+
+
+def test_ensemble_beam_search_equals_reference_and_differs_from_members():
+    members, vocab = _models(2)
+    ens = Ensemble(members)
+    feats = torch.randn(20, 12)
+    batched = beam_search(ens, feats, vocab, beam_size=3, n_best=2)
+    ref = beam_search_reference(ens, feats, vocab, beam_size=3, n_best=2)
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in ref]
+    assert all(math.isclose(a[0].logprob, b[0].logprob, abs_tol=1e-4) for a, b in zip(batched, ref))
+    alone = [[h.tokens for h in hs] for hs in beam_search(members[0], feats, vocab, beam_size=3, n_best=2)]
+    assert alone != [[h.tokens for h in hs] for hs in batched]
+
+
+def test_members_must_fit_together():
+    (a,), vocab = _models(1)
+    b = ShowAndTell(DecoderConfig(len(vocab), feature_dim=12, embed_dim=10, hidden_dim=14))
+    with pytest.raises(ValueError, match="share"):
+        Ensemble([a, b])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    data = make_tiny_dataset(root / "data")
+    out = []
+    for seed in (0, 1):
+        cfg = TrainConfig(data=str(data / "caps.csv"), out=str(root / f"s{seed}"), cache_dir=str(data / "cache"),
+                          embed_dim=16, hidden_dim=16, min_count=1, batch_size=4, epochs=2, workers=0,
+                          warmup_steps=2, seed=seed)
+        train(cfg, progress=False)
+        out.append(root / f"s{seed}" / "best.safetensors")
+    return data, out
+
+
+def test_runs_combine_into_one_checkpoint(runs, tmp_path):
+    data, ckpts = runs
+    assert save_ensemble(tmp_path / "ens.safetensors", ckpts) == 2
+    cap = Captioner.load(tmp_path / "ens.safetensors")
+    assert isinstance(cap.decoder, Ensemble) and len(cap.decoder.members) == 2
+    images = sorted(data.glob("img*.jpg"))
+    by_hand = Ensemble([Captioner.load(c).decoder for c in ckpts])
+    feats = cap.encode(images)
+    expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, suppress_unk=True)]
+    assert cap.caption(images, beam_size=3) == expect
+    # an ensemble is itself a member: three decoders from two files
+    assert save_ensemble(tmp_path / "three.safetensors", [tmp_path / "ens.safetensors", ckpts[0]]) == 3
+
+
+def test_bundle_script_and_refusals(runs, tmp_path, capsys):
+    data, ckpts = runs
+    bundle = Path(__file__).parent.parent / "train" / "bundle.py"
+    r = subprocess.run([sys.executable, bundle, *map(str, ckpts), "--out", tmp_path / "b.safetensors"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
+    # a run on other data has another vocabulary
+    other = make_tiny_dataset(tmp_path / "other", extra_rows=("img0.jpg,a zebra zebra photo,train",))
+    cfg = TrainConfig(data=str(other / "caps.csv"), out=str(tmp_path / "o"), cache_dir=str(data / "cache"),
+                      embed_dim=16, hidden_dim=16, min_count=1, batch_size=4, epochs=1, workers=0)
+    train(cfg, progress=False)
+    r = subprocess.run([sys.executable, bundle, str(ckpts[0]), str(tmp_path / "o"), "--out", tmp_path / "x.safetensors"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "vocabulary differs" in r.stderr, r.stderr
+    from captioner.cli import main
+    save_ensemble(tmp_path / "ens.safetensors", ckpts)
+    capsys.readouterr()
+    assert main(["train", "--scst", "--init", str(tmp_path / "ens.safetensors"), "--data", str(data / "caps.csv"),
+                 "--out", str(tmp_path / "scst"), "--quiet"]) != 0
+    assert "is an ensemble; run SCST on each member" in capsys.readouterr().err
+    assert not (tmp_path / "scst").exists()
