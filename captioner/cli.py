@@ -76,7 +76,7 @@ def cmd_scst(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Interrupted, TrainConfig, resume_config, train
+    from .train import RECIPE_KEYS, Interrupted, TrainConfig, resume_config, train
     if args.scst:
         return cmd_scst(args)
     if args.resume:
@@ -96,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not isinstance(base, dict):
                 raise CaptionerError(f"--config {args.config} must hold a JSON object of options, "
                                      f"not a {type(base).__name__}")
+            base = {k: v for k, v in base.items() if k not in RECIPE_KEYS}
             explicit = {k: v for k, v in d.items() if _given(args, f"--{k.replace('_', '-')}")}
             if args.data:
                 explicit["data"] = args.data

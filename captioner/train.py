@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, prepare_out_dir, remove_stale_temp_files, save_tensors
-from .data import Record, load_dataset
+from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
 from .encoders import DEFAULT_ENCODER, create_encoder
@@ -28,6 +28,10 @@ from .inference import save_model
 from .metrics import bleu
 from .model import DecoderConfig, ShowAndTell
 from .vocab import Vocabulary
+
+
+# Keys of a recipe config (train/recipe.py) that are not options of one run; `--config` passes over them.
+RECIPE_KEYS = ("seeds", "scst")
 
 
 @dataclass
@@ -192,19 +196,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    dctx = dist_setup(cfg.device)  # one process, or this rank of a torchrun job (see distributed.py)
-    progress = progress and dctx.is_main
-    def log(*a) -> None:  # progress bars off (--quiet) still leaves one line per event
-        if not dctx.is_main:
-            return
-        msg = " ".join(str(x) for x in a)
-        tqdm.write(msg) if progress else print(msg, flush=True)
-
-    # --- data ---
+def training_records(cfg: TrainConfig, log=print) -> tuple[Dataset, list[Record], list[Record]]:
+    """The dataset, its training records and the dev records that select checkpoints."""
     full = load_dataset(cfg.data, images=cfg.images)
     train_recs = [r for r in full.records if r.split == "train"]
     if cfg.dev_data:
@@ -218,6 +211,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if not train_recs:
         raise CaptionerError(f"{cfg.data} has no training images")
     log(full.summary())
+    return full, train_recs, dev_recs
+
+
+def cache_features(cfg: TrainConfig, encoder, paths: list[Path], progress: bool = True):
+    """Encoder features of `paths` from the disk cache, computing what is missing (see features.py)."""
+    return extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+                            weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) training; returns the final summary (best epoch and its dev scores)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    dctx = dist_setup(cfg.device)  # one process, or this rank of a torchrun job (see distributed.py)
+    progress = progress and dctx.is_main
+    def log(*a) -> None:  # progress bars off (--quiet) still leaves one line per event
+        if not dctx.is_main:
+            return
+        msg = " ".join(str(x) for x in a)
+        tqdm.write(msg) if progress else print(msg, flush=True)
+
+    # --- data ---
+    full, train_recs, dev_recs = training_records(cfg, log)
     prepare_out_dir(out, "run folder")
     if dctx.is_main:  # a process killed mid-save leaves its temporary file; the real one is intact
         remove_stale_temp_files(out)
@@ -241,8 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
         raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
     with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
-        fs = extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
-                              weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
+        fs = cache_features(cfg, encoder, paths, progress)
     if fs.bad and dctx.is_main:
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")

@@ -1,0 +1,210 @@
+"""The bundled model's whole recipe in one command: encoder features once, one cross-entropy run per seed
+side by side (one core each), SCST on each, the runs combined into one float16 ensemble, scored on dev.
+
+    python train/recipe.py train/flickr8k.json             # everything under the config's "out"
+    python train/recipe.py train/flickr8k.json --install   # then make it the package's bundled model
+
+Run it from the repository root (the config's paths are relative to it). Interrupted (Ctrl-C, a crash,
+a reboot), the same command continues: finished runs are kept, cross-entropy runs resume mid-epoch, an
+unfinished SCST run starts again. Wall time per phase and peak memory (all processes together, sampled
+every second) go to OUT/recipe.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from captioner.checkpoint import atomic_write_bytes, atomic_write_text
+from captioner.errors import CaptionerError
+from captioner.train import RECIPE_KEYS, TrainConfig
+
+SCST_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "samples": "--samples",
+              "eval_beam": "--eval-beam"}
+
+
+def _rss_mb(roots: list[int]) -> float:
+    """Resident memory of `roots` and all their descendants (DataLoader workers too), in MB."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class Recipe:
+    def __init__(self, config: Path, cache_dir: str | None):
+        try:
+            conf = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CaptionerError(f"cannot read recipe {config}: {e}") from None
+        if not isinstance(conf, dict):
+            raise CaptionerError(f"{config} must hold a JSON object")
+        self.config = config
+        self.seeds = [int(s) for s in conf.get("seeds", [conf.get("seed", 0)])]
+        self.scst = conf.get("scst") or {}
+        unknown = set(self.scst) - set(SCST_FLAGS)
+        if unknown:
+            raise CaptionerError(f"unknown scst option(s) in {config}: {', '.join(sorted(unknown))}")
+        if cache_dir:
+            conf["cache_dir"] = cache_dir
+        self.cfg = TrainConfig.from_dict({k: v for k, v in conf.items() if k not in RECIPE_KEYS})
+        self.cfg.validate()
+        self.out = Path(self.cfg.out)
+        self.peak_mb = 0.0
+        self.seconds: dict[str, float] = {}
+
+    def _common(self) -> list[str]:
+        c = self.cfg
+        flags = [("--cache-dir", c.cache_dir), ("--images", c.images), ("--device", c.device)]
+        return [a for flag, v in flags if v for a in (flag, str(v))] + ["--workers", str(c.workers), "--quiet"]
+
+    def _run(self, jobs: list[tuple[str, list[str]]]) -> None:
+        """Run the jobs side by side, each with an equal share of the cores; one-line error if any fails."""
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(jobs)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        procs = []
+        for name, args in jobs:
+            log = open(self.out / f"{name}.log", "a")
+            print(f"  {name}: {' '.join(args)}", flush=True)
+            # Own session: Ctrl-C reaches the recipe only, which then stops each run once, cleanly.
+            procs.append((name, subprocess.Popen([sys.executable, "-m", "captioner", *args], stdout=log,
+                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)))
+        try:
+            while any(p.poll() is None for _, p in procs):
+                self.peak_mb = max(self.peak_mb, _rss_mb([os.getpid()] + [p.pid for _, p in procs if p.poll() is None]))
+                time.sleep(1)
+        except KeyboardInterrupt:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)  # the runs save their exact place
+            for _, p in procs:
+                p.wait()
+            raise CaptionerError("interrupted; the runs saved their place: run the same command to continue") from None
+        for name, p in procs:
+            if p.returncode != 0:
+                lines = (self.out / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                raise CaptionerError(f"{name} failed ({lines[-1] if lines else 'no output'}); "
+                                     f"see {self.out / (name + '.log')}")
+
+    def _phase(self, name: str, fn) -> None:
+        t = time.time()
+        print(f"[{name}]", flush=True)
+        fn()
+        self.seconds[name] = round(time.time() - t, 1)
+        print(f"[{name}] {self.seconds[name]:.0f} s", flush=True)
+
+    def features(self) -> None:
+        # Once, before the parallel runs would all compute (and race to write) the same cache.
+        from captioner.encoders import create_encoder
+        from captioner.train import cache_features, training_records
+        _, tr, dev = training_records(self.cfg)
+        encoder = create_encoder(self.cfg.encoder, weights=self.cfg.encoder_weights)
+        fs = cache_features(self.cfg, encoder, [r.image for r in tr + dev], progress=True)
+        self.peak_mb = max(self.peak_mb, _rss_mb([os.getpid()]))
+        del fs, encoder
+
+    def cross_entropy(self) -> None:
+        jobs = []
+        for s in self.seeds:
+            run = self.out / f"xe-s{s}"
+            if (run / "summary.json").is_file():
+                print(f"  xe-s{s}: finished earlier, kept", flush=True)
+            elif (run / "state.safetensors").is_file():
+                jobs.append((f"xe-s{s}", ["train", "--resume", str(run), "--quiet"]))
+            else:
+                jobs.append((f"xe-s{s}", ["train", "--config", str(self.config), "--out", str(run), "--seed", str(s),
+                                          "--overwrite", *self._common()]))
+        self._run(jobs)
+
+    def self_critical(self) -> None:
+        jobs = []
+        for s in self.seeds:
+            run = self.out / f"scst-s{s}"
+            if (run / "finished").is_file():
+                print(f"  scst-s{s}: finished earlier, kept", flush=True)
+                continue
+            args = ["train", "--scst", "--init", str(self.out / f"xe-s{s}" / "best.safetensors"), "--data",
+                    str(self.cfg.data), "--out", str(run), "--seed", str(s), *self._common()]
+            for key, flag in SCST_FLAGS.items():
+                if key in self.scst:
+                    args += [flag, str(self.scst[key])]
+            jobs.append((f"scst-s{s}", args))
+        self._run(jobs)
+        for s in self.seeds:
+            atomic_write_text(self.out / f"scst-s{s}" / "finished", "")
+
+    def combine_and_score(self) -> dict:
+        from captioner.evaluate import evaluate
+        from captioner.inference import save_ensemble
+        stage = "scst" if self.scst else "xe"
+        save_ensemble(self.out / "model.safetensors", [self.out / f"{stage}-s{s}" / "best.safetensors"
+                                                       for s in self.seeds], half=True)
+        return evaluate(self.out / "model.safetensors", self.cfg.data, split="dev", beam_size=3,
+                        out_dir=self.out / "eval-dev", images=self.cfg.images, cache_dir=self.cfg.cache_dir,
+                        workers=self.cfg.workers, progress=False)
+
+    def run(self, install: bool) -> None:
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._phase("features", self.features)
+        self._phase("cross-entropy", self.cross_entropy)
+        if self.scst:
+            self._phase("scst", self.self_critical)
+        result: dict = {}
+        self._phase("ensemble+eval", lambda: result.update(self.combine_and_score()))
+        self.seconds["total"] = round(time.time() - t0, 1)
+        size = (self.out / "model.safetensors").stat().st_size / 1e6
+        report = {"config": str(self.config), "seeds": self.seeds, "seconds": self.seconds,
+                  "peak_rss_mb_all_processes": round(self.peak_mb), "model_mb": round(size, 1),
+                  "dev_beam3": result["metrics"], "machine": f"{platform.processor() or platform.machine()}, "
+                                                             f"{os.cpu_count()} cores"}
+        atomic_write_text(self.out / "recipe.json", json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        if install:
+            from captioner.inference import BUNDLED_MODEL
+            atomic_write_bytes(BUNDLED_MODEL, (self.out / "model.safetensors").read_bytes())
+            print(f"installed as {BUNDLED_MODEL}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="recipe JSON: training options plus 'seeds' and 'scst' (e.g. train/flickr8k.json)")
+    p.add_argument("--install", action="store_true", help="copy the result over the package's bundled model")
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` stops the runs as cleanly as Ctrl-C
+    try:
+        Recipe(Path(args.config), args.cache_dir).run(args.install)
+    except CaptionerError as e:
+        sys.exit(f"recipe: {e}")
+    except KeyboardInterrupt:
+        sys.exit("recipe: interrupted; run the same command to continue")
+
+
+if __name__ == "__main__":
+    main()
