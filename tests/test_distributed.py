@@ -122,23 +122,6 @@ def test_amp_bf16_autocast_trains_on_cpu(tiny, tmp_path):
     assert cap.decoder.out.weight.dtype == torch.float32 and all(cap.caption(sorted(tiny.glob("img*.jpg"))[:2]))
 
 
-def test_small_batch_decoding_step_equals_model_step():
-    """decoding._step (torch.lstm_cell for small CPU batches, the demo's latency fix) computes model.step."""
-    from captioner.decoding import SMALL_BATCH, _step
-    from captioner.model import DecoderConfig, ShowAndTell
-    torch.manual_seed(0)
-    for layers in (1, 2):
-        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers)).eval()
-        for B in (1, 3, SMALL_BATCH + 1):
-            tokens = torch.randint(0, 40, (B,))
-            state = (torch.randn(layers, B, 16), torch.randn(layers, B, 16))
-            with torch.inference_mode():
-                a, (ha, ca) = m.step(tokens, state)
-                b, (hb, cb) = _step(m, tokens, state)
-            for x, y in ((a, b), (ha, hb), (ca, cb)):
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-
-
 def test_feature_extraction_saves_progress_when_interrupted_and_resumes(tiny, tmp_path, monkeypatch):
     """Progress is written every few seconds (not after every batch, which cost more than the encoder), and on
     an interruption: resuming then computes only the rest, and the features equal an uninterrupted run's."""

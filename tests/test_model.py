@@ -42,3 +42,25 @@ def test_loss_ignores_padding():
     assert torch.allclose(model.loss(feats, caps, lens), model.loss(feats, wide, lens))
     logits, targets = model(feats, caps, lens)
     assert targets.numel() == int((lens - 1).sum()) and (targets != vocab.pad_id).all()
+
+
+def test_decoding_step_equals_model_step_and_follows_weight_changes():
+    """decoding._step (first layer through the precomputed word-input table) computes model.step, and
+    the table is rebuilt when the weights change (as they do between the dev evaluations of training)."""
+    from captioner.decoding import _step
+    from captioner.model import DecoderConfig, ShowAndTell
+    torch.manual_seed(0)
+    for layers in (1, 2):
+        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers)).eval()
+        for B in (1, 3, 65, 400):
+            tokens = torch.randint(0, 40, (B,))
+            state = (torch.randn(layers, B, 16), torch.randn(layers, B, 16))
+            for _ in range(2):
+                with torch.inference_mode():
+                    a, (ha, ca) = m.step(tokens, state)
+                    b, (hb, cb) = _step(m, tokens, state)
+                for x, y in ((a, b), (ha, hb), (ca, cb)):
+                    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+                with torch.no_grad():
+                    m.word_embed.weight.mul_(1.5)  # an optimizer step, in place
+                    m.lstm.bias_hh_l0.add_(0.1)
