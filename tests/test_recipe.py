@@ -49,3 +49,19 @@ def test_recipe_failure_is_one_line(tmp_path):
     (tmp_path / "bad.json").write_text('{"data": "x", "scst": {"epoch": 3}}')
     r = _recipe(tmp_path / "bad.json")
     assert r.returncode != 0 and "unknown scst option(s)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_recipes_are_valid(monkeypatch):
+    """train/*.json hold only known options (a typo would otherwise surface hours into a GPU job)."""
+    import importlib.util
+
+    import captioner.train
+    monkeypatch.setattr(captioner.train, "check_device", lambda device: None)  # coco.json names cuda
+    spec = importlib.util.spec_from_file_location("recipe", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    configs = sorted(RECIPE.parent.glob("*.json"))
+    assert {c.name for c in configs} >= {"flickr8k.json", "coco.json"}
+    for c in configs:
+        r = mod.Recipe(c, None)
+        assert r.seeds and r.scst and r.cfg.data
