@@ -39,6 +39,8 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     # again: everything finished is kept, nothing retrained
     r = _recipe(tmp_path / "r.json")
     assert r.returncode == 0 and r.stdout.count("finished earlier, kept") == 4, r.stdout + r.stderr
+    again = json.loads((out / "recipe.json").read_text())
+    assert len(again["invocations"]) == 2 and again["invocations"][0] == report["invocations"][0]
 
 
 def test_recipe_failure_is_one_line(tmp_path):

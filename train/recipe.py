@@ -179,7 +179,13 @@ class Recipe:
                   "peak_rss_mb_all_processes": round(self.peak_mb), "model_mb": round(size, 1),
                   "dev_beam3": result["metrics"], "machine": f"{platform.processor() or platform.machine()}, "
                                                              f"{os.cpu_count()} cores"}
-        atomic_write_text(self.out / "recipe.json", json.dumps(report, indent=2))
+        # A continued recipe keeps the earlier invocations' figures: their sum is the recipe's cost.
+        history = self.out / "recipe.json"
+        old = json.loads(history.read_text()) if history.is_file() else None
+        earlier = old.get("invocations", [old]) if old else []
+        invocations = earlier + [report]
+        atomic_write_text(history, json.dumps({**report, "invocations": invocations, "total_seconds_all_invocations":
+                                               round(sum(r["seconds"]["total"] for r in invocations), 1)}, indent=2))
         print(json.dumps(report, indent=2))
         if install:
             from captioner.inference import BUNDLED_MODEL
