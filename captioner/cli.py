@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import fields
 
+from .defaults import BEAM_SIZE, LENGTH_PENALTY
 from .errors import CaptionerError
 
 
@@ -148,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print one caption per image.")
     c.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, WebP, ...)")
     c.add_argument("--model", help="checkpoint (.safetensors) or run folder; default: the bundled Flickr8k model")
-    c.add_argument("--beam-size", type=_positive_int, default=1, help="beam width; 1 = greedy (default: 1)")
+    c.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE, help=f"beam width; 1 = greedy (default: {BEAM_SIZE})")
     c.add_argument("--n-best", type=_positive_int, default=1, help="also list the N best captions (default: 1)")
     c.add_argument("--max-len", type=_positive_int, default=20, help="maximum caption length in words (default: 20)")
-    c.add_argument("--length-penalty", type=float, default=0.0,
-                   help="rank beam results by logprob / length**alpha (0 = raw logprob, as the paper)")
+    c.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
+                   help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
+                        f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.set_defaults(func=cmd_caption)
 
@@ -165,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset path, as for train")
     e.add_argument("--split", default="test", help="train, dev (val) or test")
     e.add_argument("--images", help="images folder, where the annotations do not say")
-    e.add_argument("--beam-size", type=_positive_int, default=3)
+    e.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE)
     e.add_argument("--max-len", type=_positive_int, default=20)
-    e.add_argument("--length-penalty", type=float, default=0.0)
+    e.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, help="as for caption")
     e.add_argument("--out", help="folder for metrics.json, predictions.json and report.html")
     e.add_argument("--limit", type=_nonneg_int, default=0, help="score only the first N images (0 = all)")
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import load_tensors, save_tensors
 from .decoding import Hypothesis, beam_search, greedy
+from .defaults import BEAM_SIZE, LENGTH_PENALTY
 from .encoders import Encoder, Preprocess, create_encoder
 from .errors import CaptionerError
 from .images import ImageSource
@@ -155,8 +156,8 @@ class Captioner:
             feats.append(self.encoder(x).float())
         return torch.cat(feats)
 
-    def decode(self, features: torch.Tensor, beam_size: int = 1, max_len: int = 20, n_best: int = 1,
-               length_penalty: float = 0.0, suppress_unk: bool = True) -> list[Caption]:
+    def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
+               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True) -> list[Caption]:
         if beam_size < 1 or max_len < 1 or n_best < 1:
             raise CaptionerError("beam size, max length and n-best must be at least 1")
         if beam_size == 1 and n_best == 1:
@@ -171,8 +172,8 @@ class Captioner:
             out.append(Caption(alts[0][0], alts[0][1], alts))
         return out
 
-    def caption_full(self, images: Iterable[ImageSource], beam_size: int = 1, max_len: int = 20, n_best: int = 1,
-                     length_penalty: float = 0.0, batch_size: int = 32) -> list[Caption]:
+    def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
+                     n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32) -> list[Caption]:
         """Captions with log-probabilities and n-best alternatives."""
         images = list(images)
         out: list[Caption] = []
@@ -181,7 +182,7 @@ class Captioner:
             out += self.decode(feats, beam_size, max_len, n_best, length_penalty)
         return out
 
-    def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = 1, max_len: int = 20,
+    def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
                 batch_size: int = 32) -> list[str] | str:
         """One caption per image; a single path/PIL image gives a single string."""
         single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .defaults import BEAM_SIZE
 from .errors import CaptionerError
 from .images import ImageError, load_image
 
@@ -79,7 +80,7 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     return out
 
 
-def caption_images(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = 3,
+def caption_images(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = BEAM_SIZE,
                    max_len: int = 20, n_best: int = 3, temperature: float = 1.0) -> list[list[tuple[str, float]]]:
     """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
     features = cap.encode(images)
@@ -222,7 +223,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         with gr.Accordion("Decoding settings", open=True):
             with gr.Row():
                 method = gr.Radio(list(METHODS), value="Beam search", label="Method")
-                beam = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size", info="beam search only")
+                beam = gr.Slider(1, MAX_BEAM, value=BEAM_SIZE, step=1, label="Beam size", info="beam search only")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature",
                                         info="sampling only: lower = safer, higher = more varied")
             with gr.Row():

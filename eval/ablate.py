@@ -1,6 +1,6 @@
 """Ablations of the Flickr8k recipe under one short protocol: each variant changes one option of
 train/flickr8k.json, trains for a fixed budget (seed 0, two runs side by side, one core each), and its
-best checkpoint is scored on dev with beam 3. Prints one markdown table (also OUT/ablations.md).
+best checkpoint is scored on dev with the shipped decoding (beam 3, length penalty 0.5). Prints one markdown table (also OUT/ablations.md).
 
     python eval/ablate.py                                    # all variants, 8 epochs each, bf16 autocast
     python eval/ablate.py --only baseline label_smoothing    # some of them
@@ -65,7 +65,7 @@ def main() -> None:
         ev = out / n / "eval-dev-b3" / "metrics.json"
         if not ev.is_file():
             subprocess.run(["captioner", "evaluate", "--model", str(out / n / "best.safetensors"), "--data",
-                            json.loads(Path(args.config).read_text())["data"], "--split", "dev", "--beam-size", "3",
+                            json.loads(Path(args.config).read_text())["data"], "--split", "dev",
                             "--out", str(ev.parent), "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
         m = json.loads(ev.read_text())
         summary = json.loads((out / n / "summary.json").read_text())
@@ -73,7 +73,7 @@ def main() -> None:
                      summary["best_dev_BLEU-4"], [m[k] for k in METRICS]))
     base = {r[0]: r for r in rows}.get("baseline")
     lines = [f"Protocol: `{' '.join(commands[names[0]][:6])} ... {' '.join(budget)}` + the option below; "
-             f"{args.parallel} runs side by side; scores: `captioner evaluate --split dev --beam-size 3` of the best "
+             f"{args.parallel} runs side by side; scores: `captioner evaluate --split dev` (beam 3, length penalty 0.5) of the best "
              f"epoch (chosen by greedy dev BLEU-4).", "",
              "| variant | option | best epoch | greedy dev BLEU-4 | " + " | ".join(f"{k} (beam 3)" for k in METRICS)
              + (" | BLEU-4 vs baseline |" if base else " |"),
