@@ -29,13 +29,24 @@ def test_beam_size_one_equals_greedy(real):
 
 @pytest.mark.parametrize("k,alpha", [(3, 0.0), (5, 0.7)])
 def test_batched_beam_equals_reference(real, k, alpha):
+    """Identical captions in float64. In float32 a batch of 60 rounds differently from a batch of 1, and
+    the bundled ensemble has near-ties (dev image 27: 'a young' and 'a little' differ by 1.7e-6 in
+    log-prob and swap places), after which the searches follow different beams; in float64 they cannot."""
+    import copy
     cap, feats = real
     feats = feats[:60]
-    batched = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
-    ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    decoder = copy.deepcopy(cap.decoder).double()
+    batched = beam_search(decoder, feats.double(), cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    ref = beam_search_reference(decoder, feats.double(), cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
     assert [[h.tokens for h in hs][:1] for hs in batched] == [[h.tokens for h in hs][:1] for hs in ref]
     for hs_b, hs_r in zip(batched, ref):
-        assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-4  # float32 sums: batch shape changes rounding
+        assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-9
+    # float32, as shipped: the same captions but for near-ties, log-probs equal to rounding
+    batched = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    same = [b[0].tokens == r[0].tokens for b, r in zip(batched, ref)]
+    assert sum(same) >= 58
+    assert all(abs(b[0].logprob - r[0].logprob) < 1e-4 for b, r, ok in zip(batched, ref, same) if ok)
 
 
 def test_captions_always_end_and_never_empty(real):
