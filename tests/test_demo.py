@@ -207,7 +207,8 @@ def test_batch_table_csv_and_json(client, photo, tmp_path):
     assert rows[0][0] == photo.name and rows[0][1].strip() and not rows[0][3]
     assert rows[1][0] == bad.name and "not an image file" in rows[1][3]
     assert "1 captioned, 1 failed" in summary
-    csv_file, json_file = sorted(files)
+    # gradio_client stores each download in its own hashed folder: pick the files by suffix, not by order
+    csv_file, json_file = (next(f for f in files if str(f).endswith(ext)) for ext in (".csv", ".json"))
     assert Path(csv_file).read_text().splitlines()[0] == ",".join(webapp.BATCH_HEADERS)
     import json
     assert json.loads(Path(json_file).read_text())[0]["caption"] == rows[0][1]
