@@ -48,6 +48,10 @@ def test_recipe_failure_is_one_line(tmp_path):
     r = _recipe(tmp_path / "r.json")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "data path not found" in r.stderr, r.stderr
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "r2.json").write_text(json.dumps({"data": str(tmp_path / "nope"), "out": str(tmp_path / "file")}))
+    r = _recipe(tmp_path / "r2.json")
+    assert r.returncode != 0 and "exists and is not a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
     (tmp_path / "bad.json").write_text('{"data": "x", "scst": {"epoch": 3}}')
     r = _recipe(tmp_path / "bad.json")
     assert r.returncode != 0 and "unknown scst option(s)" in r.stderr and "Traceback" not in r.stderr

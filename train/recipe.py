@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from captioner.checkpoint import atomic_write_bytes, atomic_write_text
+from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
 from captioner.errors import CaptionerError
 from captioner.train import RECIPE_KEYS, TrainConfig
 
@@ -166,7 +166,7 @@ class Recipe:
 
     def run(self, install: bool) -> None:
         t0 = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(self.out, "recipe folder")
         self._phase("features", self.features)
         self._phase("cross-entropy", self.cross_entropy)
         if self.scst:
