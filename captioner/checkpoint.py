@@ -69,6 +69,13 @@ def prepare_out_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def first_problem(e: Exception) -> str:
+    """The informative line of load_state_dict's message (its first line only says that it failed)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    useful = [l for l in lines if l.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (useful or lines or [type(e).__name__])[0][:200]
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

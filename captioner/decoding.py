@@ -43,8 +43,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     """`model.step` for an eval-mode model, the first layer through `_input_table`, members of an
     ensemble one by one. Same function as nn.LSTM; results differ by float rounding (~1e-6) only."""
     if isinstance(model, Ensemble):
-        outs = [_step(m, tokens, s) for m, s in zip(model.members, model.split_state(state))]
-        return model.join([o[0] for o in outs], [o[1] for o in outs])
+        return model.step(tokens, state, member_step=_step)
     lstm = model.lstm
     if lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
-from .defaults import LENGTH_PENALTY
+from .defaults import BEAM_SIZE, LENGTH_PENALTY
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import Captioner
@@ -40,7 +40,7 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
     return out
 
 
-def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = 3,
+def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
              progress: bool = True) -> dict:

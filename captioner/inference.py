@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import first_problem, load_tensors, save_tensors
 from .decoding import Hypothesis, beam_search, greedy
 from .defaults import BEAM_SIZE, LENGTH_PENALTY
 from .encoders import Encoder, Preprocess, create_encoder
@@ -42,13 +42,6 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
     save_tensors(path, tensors, meta)
 
 
-def _first_problem(e: RuntimeError) -> str:
-    """The informative line of load_state_dict's message (its first line only says that it failed)."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    useful = [l for l in lines if l.startswith(("size mismatch", "Missing key", "Unexpected key"))]
-    return (useful or lines or [type(e).__name__])[0][:200]
-
-
 def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     """Everything is checked against the metadata before the encoder is built (which may download weights)."""
     from .encoders import ENCODER_DIMS, ENCODERS
@@ -81,7 +74,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     try:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
-        raise CaptionerError(f"{path}: weights do not match the config ({_first_problem(e)})") from None
+        raise CaptionerError(f"{path}: weights do not match the config ({first_problem(e)})") from None
     encoder = create_encoder(enc_name, pretrained=not with_encoder)
     if encoder.dim != cfg.feature_dim:
         raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
@@ -93,7 +86,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         try:
             encoder.load_state_dict(enc_sd)
         except RuntimeError as e:
-            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({_first_problem(e)})") from None
+            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({first_problem(e)})") from None
     return decoder.eval(), vocab, encoder.eval(), meta
 
 

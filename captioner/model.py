@@ -100,23 +100,21 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.cfg = first
 
-    def split_state(self, state: State) -> list[State]:
-        sizes = [m.cfg.num_layers for m in self.members]
-        return list(zip(state[0].split(sizes), state[1].split(sizes)))
-
     @staticmethod
-    def join(logps: list[torch.Tensor], states: list[State]) -> tuple[torch.Tensor, State]:
-        """Average of the members' probabilities, as log-probabilities; their states stacked."""
-        logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
-        return logp, (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
-
-    def init_state(self, features: torch.Tensor) -> State:
-        states = [m.init_state(features) for m in self.members]
+    def _stack(states: list[State]) -> State:
         return torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
 
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        outs = [m.step(tokens, s) for m, s in zip(self.members, self.split_state(state))]
-        return self.join([o[0] for o in outs], [o[1] for o in outs])
+    def init_state(self, features: torch.Tensor) -> State:
+        return self._stack([m.init_state(features) for m in self.members])
+
+    def step(self, tokens: torch.Tensor, state: State, member_step=None) -> tuple[torch.Tensor, State]:
+        """Average of the members' next-word probabilities, as log-probabilities. `member_step(member,
+        tokens, state)` replaces `member.step` (decoding passes its faster eval-mode step)."""
+        sizes = [m.cfg.num_layers for m in self.members]
+        outs = [member_step(m, tokens, s) if member_step else m.step(tokens, s)
+                for m, s in zip(self.members, zip(state[0].split(sizes), state[1].split(sizes)))]
+        logp = torch.logsumexp(torch.stack([o[0] for o in outs]), dim=0) - math.log(len(outs))
+        return logp, self._stack([o[1] for o in outs])
 
 
 Decoder = ShowAndTell | Ensemble

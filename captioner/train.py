@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, prepare_out_dir, remove_stale_temp_files, save_tensors
+from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prepare_out_dir,
+                         remove_stale_temp_files, save_tensors)
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
@@ -316,9 +317,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             torch.set_rng_state(tensors["rng.torch"])
             st = meta["progress"]
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            why = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), (str(e).splitlines() or [type(e).__name__])[0][:160])
             raise CaptionerError(f"{out / 'state.safetensors'} does not fit this run's vocab.json and config.json "
-                                 f"({why})") from None
+                                 f"({first_problem(e)})") from None
         log(f"resuming at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
     ddp = dctx.wrap(model, cfg.device)  # the model itself with one process
     enc_fwd = dctx.wrap(encoder, cfg.device) if fine_tune else encoder

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .decoding import _mask, _step
 from .defaults import BEAM_SIZE
 from .errors import CaptionerError
 from .images import ImageError, load_image
@@ -56,11 +57,8 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     done = torch.zeros(B * n, dtype=torch.bool)
     words: list[list[int]] = [[] for _ in range(B * n)]
     for t in range(max_len):
-        logp, state = cap.decoder.step(tokens, state)
-        logp = logp.double()
-        barred = [vocab.pad_id, vocab.start_id] + ([vocab.unk_id] if len(vocab) > len(vocab.SPECIALS) else []) \
-            + ([vocab.end_id] if t == 0 else [])
-        logp[:, barred] = -math.inf  # as greedy and beam search do: no empty or <unk> captions
+        logp, state = _step(cap.decoder, tokens, state)
+        logp = _mask(logp.double(), t, vocab, suppress_unk=True)  # as greedy and beam search: no empty or <unk> captions
         tokens = torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen).squeeze(1)
         picked = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
         logprob += torch.where(done, torch.zeros_like(picked), picked)
