@@ -39,13 +39,19 @@ def _input_table(model: ShowAndTell) -> torch.Tensor:
     return cached[1]
 
 
+# From about this many rows on, nn.LSTM's oneDNN kernel beats the table path on CPU (eval/step_cost.py:
+# 300 rows about equal, 3000 rows 71 vs 93 ms on one thread), so large batches go through it.
+LARGE_BATCH = 1024
+
+
 def _step(model: Decoder, tokens: torch.Tensor, state):
     """`model.step` for an eval-mode model, the first layer through `_input_table`, members of an
     ensemble one by one. Same function as nn.LSTM; results differ by float rounding (~1e-6) only."""
     if isinstance(model, Ensemble):
         return model.step(tokens, state, member_step=_step)
     lstm = model.lstm
-    if lstm.training or not lstm.bias or lstm.proj_size:
+    if lstm.training or not lstm.bias or lstm.proj_size or (tokens.shape[0] >= LARGE_BATCH
+                                                            and tokens.device.type == "cpu"):
         return model.step(tokens, state)
     h, c = state
     gates = torch.addmm(_input_table(model)[tokens], h[0], lstm.weight_hh_l0.t())
