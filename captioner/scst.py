@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .decoding import beam_search
+from .defaults import LENGTH_PENALTY
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import load_model, save_model
@@ -112,6 +113,19 @@ def sample(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, n: int
     return torch.stack(seqs, 1), lengths
 
 
+def _policy_mask(logits: torch.Tensor, n_seqs: int, vocab: Vocabulary) -> torch.Tensor:
+    """Bar the tokens `sample` never draws, so the gradient is that of the policy actually sampled.
+
+    Without it, pushing down bad samples' words raises the never-sampled <unk> every step: after a few
+    epochs at lr 5e-5 it held most of the mass and beam search wrote runs of <unk>. `logits` are packed
+    time-major, so the first `n_seqs` rows are every caption's first word, where <end> is barred too.
+    """
+    logits = logits.clone()
+    logits[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = -float("inf")
+    logits[:n_seqs, vocab.end_id] = -float("inf")
+    return logits
+
+
 def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     """Fine-tune a cross-entropy model with SCST; keeps the checkpoint with the best dev BLEU-4 (beam search)."""
     torch.manual_seed(cfg.seed)
@@ -146,7 +160,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         model.eval()
         hyps = []
         for i in range(0, len(dev_rows), 200):
-            hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20)
+            hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20,
+                             length_penalty=LENGTH_PENALTY, suppress_unk=True)  # as shipped
             hyps += [vocab.decode(h[0].tokens) for h in hs]
         return {**bleu(hyps, dev_refs), "example": hyps[0]}
 
@@ -174,7 +189,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             baseline = (r.sum(1, keepdim=True) - r) / (cfg.samples - 1)
             adv = (r - baseline).view(-1).to(cfg.device)
             logits, targets = model(f.repeat_interleave(cfg.samples, 0), caps.to(cfg.device), lens)
-            tok_lp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            tok_lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lens), vocab), targets,
+                                                        reduction="none")
             # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
             packed = pack_padded_sequence(torch.zeros(len(lens), int(lens.max()) - 1), lens - 1, batch_first=True,
                                           enforce_sorted=False)

@@ -136,6 +136,36 @@ def test_scst_sampling_and_cider_d():
     assert s[0] > 1.0 and s[1] == 0.0
 
 
+def test_scst_loss_scores_the_policy_it_samples_from():
+    """The policy gradient's log-probabilities are those of the masked distribution `sample` draws from,
+    so <unk> (never sampled) gets no gradient and cannot creep up until beam search writes it."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    from captioner.decoding import _mask
+    from captioner.model import DecoderConfig, ShowAndTell
+    from captioner.scst import _policy_mask, sample
+    from captioner.vocab import Vocabulary
+    torch.manual_seed(0)
+    v = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
+    m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8)).eval()
+    feats = torch.randn(2, 8)
+    caps, lens = sample(m, feats, v, 3, 6, torch.Generator().manual_seed(1))
+    f = feats.repeat_interleave(3, 0)
+    logits, targets = m(f, caps, lens)
+    logits.retain_grad()
+    lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lens), v), targets, reduction="none")
+    lp.sum().backward()
+    assert torch.all(logits.grad[:, v.unk_id] == 0) and torch.isfinite(lp).all()
+    # the same numbers, step by step, with decoding's mask (as `sample` applies it)
+    want = []
+    with torch.no_grad():
+        state = m.init_state(f)
+        for t in range(caps.shape[1] - 1):
+            logp, state = m.step(caps[:, t], state)
+            want.append(_mask(logp.clone(), t, v, suppress_unk=True).log_softmax(-1).gather(1, caps[:, t + 1:t + 2]))
+    want = pack_padded_sequence(torch.cat(want, 1), lens - 1, batch_first=True, enforce_sorted=False).data
+    assert torch.allclose(lp.detach(), want, atol=1e-5)
+
+
 def test_config_file_alone_names_data_and_out(tiny_data, tmp_path, monkeypatch):
     """`captioner train --config recipe.json` repeats a recipe; typed flags still win over the file."""
     from captioner.cli import main
