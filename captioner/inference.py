@@ -118,6 +118,21 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], half: boo
     return len(decoders)
 
 
+def bundle(path: str | Path, checkpoints: Sequence[str | Path]) -> str:
+    """Runs' best checkpoints as one float16 file to ship: one model alone, several as an ensemble.
+    Returns what was written, in words."""
+    if len(checkpoints) > 1:
+        return f"ensemble of {save_ensemble(path, checkpoints, half=True)}"
+    if not checkpoints:
+        raise CaptionerError("no checkpoints to bundle")
+    decoder, vocab, encoder, meta = load_model(checkpoints[0])
+    extra = {k: v for k, v in meta.items() if k not in ("decoder", "vocab", "encoder")}
+    extra["bundled_from"] = str(checkpoints[0])
+    save_model(path, decoder, vocab, encoder, extra=extra, include_encoder=bool(meta["encoder"].get("weights_included")),
+               half=True)
+    return "one model"
+
+
 class Captioner:
     """A trained captioning model ready for inference.
 

@@ -32,7 +32,7 @@ from .vocab import Vocabulary
 
 
 # Keys of a recipe config (train/recipe.py) that are not options of one run; `--config` passes over them.
-RECIPE_KEYS = ("seeds", "scst")
+RECIPE_KEYS = ("seeds", "scst", "keep")
 
 
 @dataclass

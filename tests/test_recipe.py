@@ -26,9 +26,10 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = tmp_path / "out"
     report = json.loads((out / "recipe.json").read_text())
-    assert set(report["seconds"]) == {"features", "cross-entropy", "scst", "ensemble+eval", "total"}
+    assert set(report["seconds"]) == {"features", "cross-entropy", "scst", "bundle+eval", "total"}
     assert report["peak_rss_mb_all_processes"] > 100 and report["seeds"] == [0, 1]
-    assert set(report["dev_beam3"]) >= {"BLEU-4", "METEOR", "CIDEr"}
+    assert set(report["dev"]) >= {"BLEU-4", "METEOR", "CIDEr"} and report["kept_seeds"] == [0, 1]
+    assert set(report["dev_per_seed"]) == {"0", "1"} and report["decoding"]["beam_size"] == 3
     cap = Captioner.load(out / "model.safetensors")
     assert isinstance(cap.decoder, Ensemble) and len(cap.decoder.members) == 2
     for s in (0, 1):
@@ -36,11 +37,15 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     # the seeds really differ, so the ensemble has two different voices
     a, b = (Captioner.load(out / f"xe-s{s}").decoder.state_dict()["out.weight"] for s in (0, 1))
     assert not a.equal(b)
-    # again: everything finished is kept, nothing retrained
+    # again, keeping the best seed alone: everything finished is kept, nothing retrained
+    (tmp_path / "r.json").write_text(json.dumps({**cfg, "keep": "best"}))
     r = _recipe(tmp_path / "r.json")
     assert r.returncode == 0 and r.stdout.count("finished earlier, kept") == 4, r.stdout + r.stderr
     again = json.loads((out / "recipe.json").read_text())
     assert len(again["invocations"]) == 2 and again["invocations"][0] == report["invocations"][0]
+    best = max(again["dev_per_seed"], key=lambda s: again["dev_per_seed"][s]["BLEU-4"])
+    assert again["kept_seeds"] == [int(best)]
+    assert not isinstance(Captioner.load(out / "model.safetensors").decoder, Ensemble)
 
 
 def test_recipe_failure_is_one_line(tmp_path):
@@ -55,6 +60,9 @@ def test_recipe_failure_is_one_line(tmp_path):
     (tmp_path / "bad.json").write_text('{"data": "x", "scst": {"epoch": 3}}')
     r = _recipe(tmp_path / "bad.json")
     assert r.returncode != 0 and "unknown scst option(s)" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "keep.json").write_text('{"data": "x", "keep": "all"}')
+    r = _recipe(tmp_path / "keep.json")
+    assert r.returncode != 0 and '"keep"' in r.stderr and "Traceback" not in r.stderr
 
 
 def test_shipped_recipes_are_valid(monkeypatch):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.inference import BUNDLED_MODEL, load_model, save_ensemble, save_model
+from captioner.inference import BUNDLED_MODEL, bundle
 
 
 def main() -> None:
@@ -22,16 +22,7 @@ def main() -> None:
     p.add_argument("--out", default=str(BUNDLED_MODEL), help="where to write (default: the package's bundled model)")
     args = p.parse_args()
     try:
-        if len(args.checkpoints) > 1:
-            n = save_ensemble(args.out, args.checkpoints, half=True)
-            what = f"ensemble of {n}"
-        else:
-            decoder, vocab, encoder, meta = load_model(args.checkpoints[0])
-            extra = {k: v for k, v in meta.items() if k not in ("decoder", "vocab", "encoder")}
-            extra["bundled_from"] = str(args.checkpoints[0])
-            save_model(args.out, decoder, vocab, encoder, extra=extra,
-                       include_encoder=bool(meta["encoder"].get("weights_included")), half=True)
-            what = "one model"
+        what = bundle(args.out, args.checkpoints)
     except CaptionerError as e:
         sys.exit(f"bundle: {e}")
     print(f"wrote {args.out} ({what}, {Path(args.out).stat().st_size / 1e6:.1f} MB)")

@@ -1,5 +1,6 @@
 """The bundled model's whole recipe in one command: encoder features once, one cross-entropy run per seed
-side by side (one core each), SCST on each, the runs combined into one float16 ensemble, scored on dev.
+side by side (one core each), SCST on each, every seed scored on dev, then the runs bundled as one float16
+file (an ensemble of all seeds, or with "keep": "best" the best seed alone) and that file scored on dev.
 
     python train/recipe.py train/flickr8k.json             # everything under the config's "out"
     python train/recipe.py train/flickr8k.json --install   # then make it the package's bundled model
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
+from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY
 from captioner.errors import CaptionerError
 from captioner.train import RECIPE_KEYS, TrainConfig
 
@@ -63,6 +65,9 @@ class Recipe:
         self.config = config
         self.seeds = [int(s) for s in conf.get("seeds", [conf.get("seed", 0)])]
         self.scst = conf.get("scst") or {}
+        self.keep = conf.get("keep", "ensemble")
+        if self.keep not in ("ensemble", "best"):
+            raise CaptionerError(f'"keep" in {config} must be "ensemble" or "best", not {self.keep!r}')
         unknown = set(self.scst) - set(SCST_FLAGS)
         if unknown:
             raise CaptionerError(f"unknown scst option(s) in {config}: {', '.join(sorted(unknown))}")
@@ -155,14 +160,25 @@ class Recipe:
             atomic_write_text(self.out / f"scst-s{s}" / "finished", "")
 
     def combine_and_score(self) -> dict:
+        """Score every seed's final model on dev (the spread), then bundle: all of them as one ensemble
+        ("keep": "ensemble"), or the best one alone ("keep": "best", for decoders too big to ship twice)."""
         from captioner.evaluate import evaluate
-        from captioner.inference import save_ensemble
+        from captioner.inference import bundle
+
+        def score(ckpt: Path, name: str) -> dict:
+            return evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
+                            cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)["metrics"]
+
         stage = "scst" if self.scst else "xe"
-        save_ensemble(self.out / "model.safetensors", [self.out / f"{stage}-s{s}" / "best.safetensors"
-                                                       for s in self.seeds], half=True)
-        return evaluate(self.out / "model.safetensors", self.cfg.data, split="dev", beam_size=3,
-                        out_dir=self.out / "eval-dev", images=self.cfg.images, cache_dir=self.cfg.cache_dir,
-                        workers=self.cfg.workers, progress=False)
+        runs = {s: self.out / f"{stage}-s{s}" / "best.safetensors" for s in self.seeds}
+        per_seed = {s: score(ckpt, f"eval-dev-s{s}") for s, ckpt in runs.items()}
+        if self.keep == "best":
+            kept = [max(self.seeds, key=lambda s: per_seed[s]["BLEU-4"])]
+        else:
+            kept = self.seeds
+        what = bundle(self.out / "model.safetensors", [runs[s] for s in kept])
+        print(f"  bundled {what}: seed(s) {kept}", flush=True)
+        return {"metrics": score(self.out / "model.safetensors", "eval-dev"), "per_seed": per_seed, "kept": kept}
 
     def run(self, install: bool) -> None:
         t0 = time.time()
@@ -172,12 +188,13 @@ class Recipe:
         if self.scst:
             self._phase("scst", self.self_critical)
         result: dict = {}
-        self._phase("ensemble+eval", lambda: result.update(self.combine_and_score()))
+        self._phase("bundle+eval", lambda: result.update(self.combine_and_score()))
         self.seconds["total"] = round(time.time() - t0, 1)
         size = (self.out / "model.safetensors").stat().st_size / 1e6
         report = {"config": str(self.config), "seeds": self.seeds, "seconds": self.seconds,
                   "peak_rss_mb_all_processes": round(self.peak_mb), "model_mb": round(size, 1),
-                  "dev_beam3": result["metrics"], "machine": f"{platform.processor() or platform.machine()}, "
+                  "dev": result["metrics"], "dev_per_seed": result["per_seed"], "kept_seeds": result["kept"],
+                  "decoding": {"beam_size": BEAM_SIZE, "length_penalty": LENGTH_PENALTY}, "machine": f"{platform.processor() or platform.machine()}, "
                                                              f"{os.cpu_count()} cores"}
         # A continued recipe keeps the earlier invocations' figures: their sum is the recipe's cost.
         history = self.out / "recipe.json"
