@@ -7,7 +7,10 @@ import os
 import sys
 from dataclasses import fields
 
-from .defaults import BEAM_SIZE, LENGTH_PENALTY
+from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
+
+PRECISION_HELP = ("decoder weights in the decoding step: auto = bfloat16 where the CPU has it in hardware "
+                  "(about 2x faster, same BLEU), else float32 (default: auto)")
 from .errors import CaptionerError
 
 
@@ -30,7 +33,7 @@ _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 def cmd_caption(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .inference import Captioner
-    cap = Captioner.load(args.model)
+    cap = Captioner.load(args.model, precision=args.precision)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -121,9 +124,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
-                   args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet)
+                   args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet,
+                   precision=args.precision)
     s = res["settings"]
-    print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']} (scores on the 0-100 scale used in papers)")
+    print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, {s['precision']} decoder weights "
+          f"(scores on the 0-100 scale used in papers)")
     for name, value in res["metrics"].items():
         print(f"  {name:<8} {value:6.2f}")
     for note in res["notes"]:
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help=PRECISION_HELP)
     c.set_defaults(func=cmd_caption)
 
     e = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
@@ -170,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE)
     e.add_argument("--max-len", type=_positive_int, default=20)
     e.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, help="as for caption")
+    e.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="as for caption")
     e.add_argument("--out", help="folder for metrics.json, predictions.json and report.html")
     e.add_argument("--limit", type=_nonneg_int, default=0, help="score only the first N images (0 = all)")
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")

@@ -21,40 +21,64 @@ class Hypothesis:
     score: float  # logprob, length-normalised when asked
 
 
-def _input_table(model: ShowAndTell) -> torch.Tensor:
-    """Every word's embedding already multiplied by the first layer's input weights (biases folded in).
+def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated
+    and slower than float32, so decoding keeps float32 there."""
+    if torch.device(device).type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(c is not None and c() for c in checks)
 
-    A step then multiplies only the hidden state, so the first layer's matrix work halves; and no
-    nn.LSTM call is made, which costs about 1 ms on CPU whatever the batch. Built once per set of
-    weights (V x 4H floats: 21 MB for the bundled model) and rebuilt when they change.
+
+def set_precision(model: Decoder, dtype: torch.dtype) -> None:
+    """Weights' precision for the eval-mode decoding step: float32, or bfloat16 (half the bytes read
+    per step, which is what one image's decoding waits on; state and sums stay float32)."""
+    for m in model.members if isinstance(model, Ensemble) else [model]:
+        m.__dict__["_decode_dtype"] = dtype
+
+
+def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input table, hidden-to-gates weight, output weight) in the model's decoding precision.
+
+    The input table is every word's embedding already multiplied by the first layer's input weights
+    (biases folded in): a step then multiplies only the hidden state, so the first layer's matrix work
+    halves, and no nn.LSTM call is made (about 1 ms on CPU whatever the batch). Built once per set of
+    weights (V x 4H: 21 MB for a 512-unit decoder in float32) and rebuilt when they change.
     """
     lstm, emb = model.lstm, model.word_embed.weight
-    params = (emb, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-    key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
-    cached = model.__dict__.get("_input_table")
+    dtype = model.__dict__.get("_decode_dtype", torch.float32) if emb.dtype == torch.float32 else emb.dtype
+    params = (emb, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, lstm.weight_hh_l0, model.out.weight)
+    key = (dtype, tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+    cached = model.__dict__.get("_step_weights")
     if cached is None or cached[0] != key:
         with torch.inference_mode():
-            cached = (key, torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0.t()))
-        model.__dict__["_input_table"] = cached
+            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0.t())
+            cached = (key, tuple(w.to(dtype) for w in (table, lstm.weight_hh_l0, model.out.weight)))
+        model.__dict__["_step_weights"] = cached
     return cached[1]
 
 
 # From about this many rows on, nn.LSTM's oneDNN kernel beats the table path on CPU (eval/step_cost.py:
-# 300 rows about equal, 3000 rows 71 vs 93 ms on one thread), so large batches go through it.
+# 300 rows about equal, 3000 rows 71 vs 93 ms on one thread), so large float32 batches go through it.
 LARGE_BATCH = 1024
 
 
 def _step(model: Decoder, tokens: torch.Tensor, state):
-    """`model.step` for an eval-mode model, the first layer through `_input_table`, members of an
-    ensemble one by one. Same function as nn.LSTM; results differ by float rounding (~1e-6) only."""
+    """`model.step` for an eval-mode model, the first layer through `_step_weights`, members of an
+    ensemble one by one. Same function as nn.LSTM; in float32 results differ by rounding (~1e-6) only."""
     if isinstance(model, Ensemble):
         return model.step(tokens, state, member_step=_step)
     lstm = model.lstm
-    if lstm.training or not lstm.bias or lstm.proj_size or (tokens.shape[0] >= LARGE_BATCH
-                                                            and tokens.device.type == "cpu"):
+    if lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)
+    table, w_hh, w_out = _step_weights(model)
     h, c = state
-    gates = torch.addmm(_input_table(model)[tokens], h[0], lstm.weight_hh_l0.t())
+    if w_hh.dtype == h.dtype:
+        if tokens.shape[0] >= LARGE_BATCH and tokens.device.type == "cpu":
+            return model.step(tokens, state)
+        gates = torch.addmm(table[tokens], h[0], w_hh.t())
+    else:
+        gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
     i, f, g, o = gates.chunk(4, dim=1)
     c0 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
     x = torch.sigmoid(o) * torch.tanh(c0)
@@ -64,7 +88,11 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
                                                            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
         hs.append(x)
         cs.append(c_l)
-    return torch.log_softmax(model.out(x), dim=-1), (torch.stack(hs), torch.stack(cs))
+    if w_out.dtype == x.dtype:
+        logits = torch.addmm(model.out.bias, x, w_out.t())
+    else:
+        logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias
+    return torch.log_softmax(logits, dim=-1), (torch.stack(hs), torch.stack(cs))
 
 
 def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:

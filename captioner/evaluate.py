@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
-from .defaults import BEAM_SIZE, LENGTH_PENALTY
+from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import Captioner
@@ -43,14 +43,14 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
-             progress: bool = True) -> dict:
+             progress: bool = True, precision: str = PRECISION) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
         raise CaptionerError("--limit and --workers must be >= 0")
     if out_dir is not None:
         check_out_dir(out_dir)  # say so before the long decoding
-    cap = Captioner.load(model)
+    cap = Captioner.load(model, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
     fs = extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
@@ -66,7 +66,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
                            "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty,
-                           "images": len(kept), "skipped_images": sorted(fs.bad), "scale": "0-100",
+                           "precision": cap.precision, "images": len(kept), "skipped_images": sorted(fs.bad), "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",
                            "seconds": round(time.time() - t0, 1)},
               "notes": notes}
@@ -116,7 +116,8 @@ padding:6px;vertical-align:top}}img{{max-width:160px}}ul{{margin:0;padding-left:
 </head><body><h1>captioner evaluation</h1>
 <p><b>{html.escape(metrics)}</b> (0-100 scale)</p>
 <p>model {html.escape(s['model'])}; data {html.escape(s['data'])} split {html.escape(s['split'])};
-{s['images']} images; beam {s['beam_size']}; max length {s['max_len']}; length penalty {s['length_penalty']}.
+{s['images']} images; beam {s['beam_size']}; max length {s['max_len']}; length penalty {s['length_penalty']};
+{s['precision']} decoder weights.
 Sorted worst first by per-image {key}.</p>{notes}
 <table><tr><th>image</th><th>prediction</th><th>references</th>{head}</tr>
 {''.join(rows)}</table></body></html>

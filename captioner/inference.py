@@ -8,8 +8,8 @@ from typing import Iterable, Sequence
 import torch
 
 from .checkpoint import first_problem, load_tensors, save_tensors
-from .decoding import Hypothesis, beam_search, greedy
-from .defaults import BEAM_SIZE, LENGTH_PENALTY
+from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
+from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
 from .encoders import Encoder, Preprocess, create_encoder
 from .errors import CaptionerError
 from .images import ImageSource
@@ -141,18 +141,24 @@ class Captioner:
     """
 
     def __init__(self, decoder: Decoder, vocab: Vocabulary, encoder: Encoder, meta: dict | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = PRECISION):
         self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
         self.meta, self.device = meta or {}, device
+        if precision not in PRECISIONS:
+            raise CaptionerError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "auto":
+            precision = "bfloat16" if bfloat16_is_native(device) else "float32"
+        self.precision = precision
+        set_precision(self.decoder, getattr(torch, precision))
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Captioner":
+    def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = PRECISION) -> "Captioner":
         """From a checkpoint file (or run folder); the bundled model when `path` is None."""
         if path is None:
             if not BUNDLED_MODEL.is_file():
                 raise CaptionerError(f"bundled model missing at {BUNDLED_MODEL}; pass --model CKPT")
             path = BUNDLED_MODEL
-        return cls(*load_model(path), device=device)
+        return cls(*load_model(path), device=device, precision=precision)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[ImageSource], batch_size: int = 4) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Part 1: the first LSTM layer at 3, 300 and 3000 rows through decoding's precomputed word-input table,
 against torch.lstm_cell and nn.LSTM (the baselines, same weights, same process).
-Part 2: `Captioner.decode` of one image (beam 3, 3 alternatives, as the demo) with the bundled
-ensemble against one of its decoders alone, and one 3-row step of each.
+Part 2: `Captioner.decode` of one image (beam 3, 3 alternatives, as the demo) with the bundled model
+against one of its decoders alone (same thing for a single model), and one 3-row step of each, in float32;
+then the same model with bfloat16 decoder weights (`--precision bfloat16`).
 
     python eval/step_cost.py [--model CKPT] [--image JPG]
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.decoding import _input_table, _step
+from captioner.decoding import _step, _step_weights, set_precision
 from captioner.inference import Captioner
 from captioner.model import Ensemble
 
@@ -40,11 +41,11 @@ def main() -> None:
     p.add_argument("--image", default=str(PHOTO), help="image for part 2 (default: the first of ../shared/data/photos)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cap = Captioner.load(args.model)
+    cap = Captioner.load(args.model, precision="float32")
     members = list(cap.decoder.members) if isinstance(cap.decoder, Ensemble) else [cap.decoder]
     m = members[0]
     lstm = m.lstm
-    table = _input_table(m)
+    table = _step_weights(m)[0]
 
     def with_table(tok, h, c):
         i, f, g, o = torch.addmm(table[tok], h, lstm.weight_hh_l0.t()).chunk(4, 1)
@@ -78,6 +79,11 @@ def main() -> None:
         s_full = median_ms(lambda: _step(cap.decoder, tok, st), 200)
         s_one = median_ms(lambda: _step(m, tok, st1), 200)
         print(f"  one 3-row step: model {s_full:.2f} ms, one decoder {s_one:.2f} ms ({s_full / s_one:.2f}x)")
+        set_precision(cap.decoder, torch.bfloat16)
+        low = median_ms(lambda: cap.decode(f, 3, 20, 3), 30)
+        s_low = median_ms(lambda: _step(cap.decoder, tok, st), 200)
+        print(f"  bfloat16 decoder weights: decode {low:.1f} ms ({full / low:.2f}x faster than float32), "
+              f"3-row step {s_low:.2f} ms ({s_full / s_low:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,29 @@ def test_decoding_step_equals_model_step_and_follows_weight_changes():
                 with torch.no_grad():
                     m.word_embed.weight.mul_(1.5)  # an optimizer step, in place
                     m.lstm.bias_hh_l0.add_(0.1)
+
+
+def test_bfloat16_step_is_close_to_float32_and_switches_back():
+    """bfloat16 decoder weights (the CPU default where the hardware has it) move log-probabilities by
+    rounding only; the state stays float32; switching precision rebuilds the cached weights."""
+    from captioner.decoding import _step, set_precision
+    from captioner.model import DecoderConfig, Ensemble, ShowAndTell
+    torch.manual_seed(0)
+    ms = [ShowAndTell(DecoderConfig(50, 12, 16, 32)).eval() for _ in range(2)]
+    tokens = torch.randint(4, 50, (6,))
+    for model in (ms[0], Ensemble(ms)):
+        state = model.init_state(torch.randn(6, 12))
+        with torch.inference_mode():
+            ref, (h32, _) = _step(model, tokens, state)
+            set_precision(model, torch.bfloat16)
+            low, (h16, c16) = _step(model, tokens, state)
+            set_precision(model, torch.float32)
+            again, _ = _step(model, tokens, state)
+        assert low.dtype == h16.dtype == c16.dtype == torch.float32
+        assert not torch.equal(low, ref) and (low - ref).abs().max() < 0.05 and (h16 - h32).abs().max() < 0.02
+        assert torch.equal(again, ref)
+    m64 = ShowAndTell(DecoderConfig(50, 12, 16, 32)).double().eval()
+    set_precision(m64, torch.bfloat16)  # only float32 weights are lowered: float64 stays exact
+    st = m64.init_state(torch.randn(6, 12, dtype=torch.float64))
+    with torch.inference_mode():
+        torch.testing.assert_close(_step(m64, tokens, st)[0], m64.step(tokens, st)[0])
