@@ -151,6 +151,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     tok_refs = {i: [" ".join(tokenize(c)) for c in train_recs[i].captions] for i in train_rows}
     cider = CiderD([train_recs[i].captions for i in train_rows])
     dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
+    dev_cider = CiderD(dev_refs)  # document frequencies from the dev references, as the COCO evaluation does
+    dev_tok_refs = [[" ".join(tokenize(c)) for c in refs] for refs in dev_refs]
     model = model.to(cfg.device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -163,12 +165,13 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20,
                              length_penalty=LENGTH_PENALTY, suppress_unk=True)  # as shipped
             hyps += [vocab.decode(h[0].tokens) for h in hs]
-        return {**bleu(hyps, dev_refs), "example": hyps[0]}
+        cider_dev = float(dev_cider([" ".join(tokenize(h)) for h in hyps], dev_tok_refs).mean()) * 100
+        return {**bleu(hyps, dev_refs), "CIDEr-D": cider_dev, "example": hyps[0]}
 
     best = dev_scores()
     history = [{"epoch": 0, **best}]
     best_score = best["BLEU-4"]
-    print(f"start: dev BLEU-4 {best_score:.2f} (beam {cfg.eval_beam})", flush=True)
+    print(f"start: dev BLEU-4 {best_score:.2f}, CIDEr-D {best['CIDEr-D']:.2f} (beam {cfg.eval_beam})", flush=True)
     save_model(out / "best.safetensors", model, vocab, encoder, extra={"train": meta.get("train", {}), "scst": {
         "epoch": 0, "dev": {k: v for k, v in best.items() if k != "example"}, "config": asdict(cfg)}})
     t0 = time.time()
@@ -207,7 +210,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         sc = dev_scores()
         history.append({"epoch": epoch, "train_cider": float(np.mean(rewards)), **sc})
         improved = sc["BLEU-4"] > best_score
-        print(f"scst epoch {epoch}: train CIDEr-D {np.mean(rewards):.3f}, dev BLEU-4 {sc['BLEU-4']:.2f}"
+        print(f"scst epoch {epoch}: train CIDEr-D {np.mean(rewards):.3f}, dev BLEU-4 {sc['BLEU-4']:.2f}, "
+              f"CIDEr-D {sc['CIDEr-D']:.2f}"
               f"{' (best)' if improved else ''}; e.g. \"{sc['example']}\"", flush=True)
         if improved:
             best_score = sc["BLEU-4"]
