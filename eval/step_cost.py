@@ -69,7 +69,7 @@ def main() -> None:
             t, cell, nn_ = (median_ms(lambda f=f: f(tok, h, c), reps) for f in (with_table, with_cell, with_nn))
             print(f"  {n:5d} rows: table {t:.3f}  lstm_cell {cell:.3f} ({cell / t:.2f}x)  nn.LSTM {nn_:.3f} ({nn_ / t:.2f}x)")
         f = cap.encode([args.image])
-        one = Captioner(m, cap.vocab, cap.encoder)
+        one = Captioner(m, cap.vocab, cap.encoder, precision="float32")
         print(f"decode one image, beam 3, 3 alternatives ({len(members)} decoder(s) in the model):")
         full = median_ms(lambda: cap.decode(f, 3, 20, 3), 30)
         single = median_ms(lambda: one.decode(f, 3, 20, 3), 30)
