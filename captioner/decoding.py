@@ -58,9 +58,10 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch
     return cached[1]
 
 
-# From about this many rows on, nn.LSTM's oneDNN kernel beats the table path on CPU (eval/step_cost.py:
-# 300 rows about equal, 3000 rows 71 vs 93 ms on one thread), so large float32 batches go through it.
-LARGE_BATCH = 1024
+# From about this much work (rows x hidden units) on, nn.LSTM's oneDNN kernel beats the table path on CPU
+# in float32 (eval/step_cost.py, one thread: 512 units about equal at 300 rows, 71 vs 93 ms at 3000;
+# 1024 units 21.8 vs 27.8 ms at 300 rows), so large float32 batches go through it.
+LARGE_WORK = 300 * 512
 
 
 def _step(model: Decoder, tokens: torch.Tensor, state):
@@ -74,7 +75,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     table, w_hh, w_out = _step_weights(model)
     h, c = state
     if w_hh.dtype == h.dtype:
-        if tokens.shape[0] >= LARGE_BATCH and tokens.device.type == "cpu":
+        if tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
             return model.step(tokens, state)
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 State = tuple[torch.Tensor, torch.Tensor]
+ROWS = 256
 
 
 @dataclass
@@ -63,7 +64,10 @@ class ShowAndTell(nn.Module):
         hidden, _ = pad_packed_sequence(out, batch_first=True)
         hidden = pack_padded_sequence(hidden[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
-        return self.out(self.dropout(hidden)), targets
+        # Round the token count up to a multiple of ROWS: with --amp every new shape makes oneDNN build and
+        # keep another bf16 matmul, and the process grew to 2.6 GB in an epoch (1.94 GB so; eval/RESULTS.md).
+        n = hidden.shape[0]
+        return self.out(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
     def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
              label_smoothing: float = 0.0) -> torch.Tensor:
