@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
-from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY
 from captioner.errors import CaptionerError
 from captioner.train import RECIPE_KEYS, TrainConfig
 
@@ -165,9 +164,13 @@ class Recipe:
         from captioner.evaluate import evaluate
         from captioner.inference import bundle
 
+        settings: dict = {}
+
         def score(ckpt: Path, name: str) -> dict:
-            return evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
-                            cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)["metrics"]
+            res = evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
+                           cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)
+            settings.update({k: res["settings"][k] for k in ("beam_size", "length_penalty", "precision")})
+            return res["metrics"]
 
         stage = "scst" if self.scst else "xe"
         runs = {s: self.out / f"{stage}-s{s}" / "best.safetensors" for s in self.seeds}
@@ -178,7 +181,8 @@ class Recipe:
             kept = self.seeds
         what = bundle(self.out / "model.safetensors", [runs[s] for s in kept])
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
-        return {"metrics": score(self.out / "model.safetensors", "eval-dev"), "per_seed": per_seed, "kept": kept}
+        metrics = score(self.out / "model.safetensors", "eval-dev")
+        return {"metrics": metrics, "per_seed": per_seed, "kept": kept, "decoding": settings}
 
     def run(self, install: bool) -> None:
         t0 = time.time()
@@ -194,8 +198,8 @@ class Recipe:
         report = {"config": str(self.config), "seeds": self.seeds, "seconds": self.seconds,
                   "peak_rss_mb_all_processes": round(self.peak_mb), "model_mb": round(size, 1),
                   "dev": result["metrics"], "dev_per_seed": result["per_seed"], "kept_seeds": result["kept"],
-                  "decoding": {"beam_size": BEAM_SIZE, "length_penalty": LENGTH_PENALTY}, "machine": f"{platform.processor() or platform.machine()}, "
-                                                             f"{os.cpu_count()} cores"}
+                  "decoding": result["decoding"],
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
         # A continued recipe keeps the earlier invocations' figures: their sum is the recipe's cost.
         history = self.out / "recipe.json"
         old = json.loads(history.read_text()) if history.is_file() else None
