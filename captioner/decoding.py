@@ -160,19 +160,22 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
     seqs = torch.zeros(B, K, max_len, dtype=torch.long, device=dev)  # <pad> after each caption's end
     finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, K, dtype=torch.long, device=dev)
-    # A finished beam only extends with <pad> at no cost, so it keeps its score and place.
-    frozen = torch.full((V,), -float("inf"), dtype=torch.float64, device=dev)
-    frozen[vocab.pad_id] = 0.0
+    # The best K of K*V candidates are among each beam's own best K words, so only those K*K are scored
+    # in float64. A finished beam only extends with <pad> at no cost, so it keeps its score and place.
+    W = min(K, V)
+    frozen = torch.full((W,), -float("inf"), dtype=torch.float64, device=dev)
+    frozen[0] = 0.0
     live = torch.arange(B, device=dev)  # images with an unfinished beam: only their rows are computed
     for t in range(max_len):
         L = live.shape[0]
         logp, state = _step(model, tokens, state)
-        logp = _mask(logp.double(), t, vocab, suppress_unk).view(L, K, V)
+        best, words = _mask(logp, t, vocab, suppress_unk).topk(W, dim=-1)
         done_l = finished[live]
-        logp = torch.where(done_l.unsqueeze(-1), frozen, logp)
-        cand = (scores[live].unsqueeze(-1) + logp).view(L, K * V)
+        best = torch.where(done_l.unsqueeze(-1), frozen, best.double().view(L, K, W))
+        words = torch.where(done_l.unsqueeze(-1), vocab.pad_id, words.view(L, K, W))
+        cand = (scores[live].unsqueeze(-1) + best).view(L, K * W)
         top, idx = cand.topk(K, dim=-1)
-        beam, word = idx // V, idx % V
+        beam, word = idx // W, words.view(L, K * W).gather(1, idx)
         prev = seqs[live].gather(1, beam.unsqueeze(-1).expand(-1, -1, max_len))
         prev[:, :, t] = word
         seqs[live] = prev
