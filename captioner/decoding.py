@@ -37,6 +37,12 @@ def set_precision(model: Decoder, dtype: torch.dtype) -> None:
         m.__dict__["_decode_dtype"] = dtype
 
 
+def _decode_dtype(model: ShowAndTell) -> torch.dtype:
+    """The precision set by `set_precision`; only float32 weights are ever lowered."""
+    dtype = model.word_embed.weight.dtype
+    return model.__dict__.get("_decode_dtype", dtype) if dtype == torch.float32 else dtype
+
+
 def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input table, hidden-to-gates weight, output weight) in the model's decoding precision.
 
@@ -46,7 +52,7 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch
     weights (V x 4H: 21 MB for a 512-unit decoder in float32) and rebuilt when they change.
     """
     lstm, emb = model.lstm, model.word_embed.weight
-    dtype = model.__dict__.get("_decode_dtype", torch.float32) if emb.dtype == torch.float32 else emb.dtype
+    dtype = _decode_dtype(model)
     params = (emb, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, lstm.weight_hh_l0, model.out.weight)
     key = (dtype, tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
     cached = model.__dict__.get("_step_weights")
@@ -72,11 +78,12 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     lstm = model.lstm
     if lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)
-    table, w_hh, w_out = _step_weights(model)
     h, c = state
-    if w_hh.dtype == h.dtype:
-        if tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
-            return model.step(tokens, state)
+    full = _decode_dtype(model) == h.dtype
+    if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
+        return model.step(tokens, state)
+    table, w_hh, w_out = _step_weights(model)
+    if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:
         gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
@@ -89,7 +96,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
                                                            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
         hs.append(x)
         cs.append(c_l)
-    if w_out.dtype == x.dtype:
+    if full:
         logits = torch.addmm(model.out.bias, x, w_out.t())
     else:
         logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench import timed  # eval/bench.py, beside this script
 from captioner.decoding import _step, _step_weights, set_precision
 from captioner.inference import Captioner
 from captioner.model import Ensemble
@@ -25,14 +25,7 @@ PHOTO = next(iter(sorted((Path(__file__).resolve().parents[2] / "shared" / "data
 
 
 def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return statistics.median(timed(fn, reps, warmup=3)) * 1e3
 
 
 def main() -> None:

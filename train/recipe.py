@@ -164,25 +164,22 @@ class Recipe:
         from captioner.evaluate import evaluate
         from captioner.inference import bundle
 
-        settings: dict = {}
-
         def score(ckpt: Path, name: str) -> dict:
-            res = evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
-                           cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)
-            settings.update({k: res["settings"][k] for k in ("beam_size", "length_penalty", "precision")})
-            return res["metrics"]
+            return evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
+                            cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)
 
         stage = "scst" if self.scst else "xe"
         runs = {s: self.out / f"{stage}-s{s}" / "best.safetensors" for s in self.seeds}
-        per_seed = {s: score(ckpt, f"eval-dev-s{s}") for s, ckpt in runs.items()}
+        per_seed = {s: score(ckpt, f"eval-dev-s{s}")["metrics"] for s, ckpt in runs.items()}
         if self.keep == "best":
             kept = [max(self.seeds, key=lambda s: per_seed[s]["BLEU-4"])]
         else:
             kept = self.seeds
         what = bundle(self.out / "model.safetensors", [runs[s] for s in kept])
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
-        metrics = score(self.out / "model.safetensors", "eval-dev")
-        return {"metrics": metrics, "per_seed": per_seed, "kept": kept, "decoding": settings}
+        res = score(self.out / "model.safetensors", "eval-dev")
+        decoding = {k: res["settings"][k] for k in ("beam_size", "length_penalty", "precision")}
+        return {"metrics": res["metrics"], "per_seed": per_seed, "kept": kept, "decoding": decoding}
 
     def run(self, install: bool) -> None:
         t0 = time.time()
