@@ -10,7 +10,7 @@ from dataclasses import fields
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = bfloat16 where the CPU has it in hardware "
-                  "(2.6-3.6x faster decoding, same BLEU), else float32 (default: auto)")
+                  "(2.4-3.5x faster decoding, same BLEU), else float32 (default: auto)")
 from .errors import CaptionerError
 
 

@@ -65,8 +65,8 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 # From about this much work (rows x hidden units) on, nn.LSTM's oneDNN kernel beats the table path on CPU
-# in float32 (eval/step_cost.py, one thread: 512 units about equal at 300 rows, 71 vs 93 ms at 3000;
-# 1024 units 21.8 vs 27.8 ms at 300 rows), so large float32 batches go through it.
+# in float32 (eval/step_cost.py, one thread: 512 units, 2026-11-26, about equal at 300 rows, 71 vs 93 ms at 3000;
+# 1024 units 24.9 vs 28.5 ms at 300 rows), so large float32 batches go through it.
 LARGE_WORK = 300 * 512
 
 

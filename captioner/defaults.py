@@ -9,7 +9,7 @@ decoding.py keep 0 (raw log-probability, as the paper) as their own default.
 BEAM_SIZE = 3
 LENGTH_PENALTY = 0.5
 # Decoder weights' precision in the decoding step: "auto" is bfloat16 on CPUs that multiply it in
-# hardware (2.6x captions/s batched, 3.6x faster one-image decoding, BLEU-4 within 0.05 on Flickr8k dev:
+# hardware (2.4x captions/s batched, 3.5x faster one-image decoding, BLEU-4 within 0.05 on Flickr8k dev:
 # eval/RESULTS.md), else float32.
 PRECISION = "auto"
 PRECISIONS = ("auto", "float32", "bfloat16")

@@ -65,7 +65,7 @@ class ShowAndTell(nn.Module):
         hidden = pack_padded_sequence(hidden[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         # Round the token count up to a multiple of ROWS: with --amp every new shape makes oneDNN build and
-        # keep another bf16 matmul, and the process grew to 2.6 GB in an epoch (1.94 GB so; eval/RESULTS.md).
+        # keep another bf16 matmul, and the process grew to 2.6 GB in an epoch (2.1-2.2 GB so; eval/RESULTS.md).
         n = hidden.shape[0]
         return self.out(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
