@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from .errors import CaptionerError
 
@@ -24,13 +25,21 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """`atomic_write_bytes` for writers that take a file name: `write(tmp)` fills the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -96,9 +105,17 @@ def remove_stale_temp_files(folder: str | Path) -> int:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Tensors plus a JSON document (under the metadata key 'captioner')."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = st_save(tensors, metadata={"format": FORMAT, "captioner": json.dumps(meta)})
+    metadata = {"format": FORMAT, "captioner": json.dumps(meta)}
+    def write(tmp: str) -> None:  # save_file writes straight from the tensors' memory: no copy of the state
+        try:
+            st_save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # its I/O errors (a full disk) arrive as text: "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(e))
+            if not found:
+                raise
+            raise OSError(int(found.group(1)), os.strerror(int(found.group(1)))) from None
     try:
-        atomic_write_bytes(path, data)
+        atomic_write(path, write)
     except OSError as e:
         raise CaptionerError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
 

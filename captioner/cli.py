@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
     t.add_argument("--fine-tune-blocks", type=_nonneg_int, default=d.fine_tune_blocks,
                    help="also train the encoder's last N stages (images then run through the CNN each step)")
+    t.add_argument("--image-size", type=_nonneg_int, default=d.image_size,
+                   help="square input size for the encoder (default 0: its own, 224 for efficientnet_lite0)")
+    t.add_argument("--flip-augment", action="store_true",
+                   help="also cache mirrored images' features and train on either view at random (extraction 2x)")
     t.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
     t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
     t.add_argument("--num-layers", type=_positive_int, default=d.num_layers)

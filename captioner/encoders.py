@@ -26,9 +26,12 @@ class Preprocess:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    hflip: bool = False  # mirror image: a second view of each training image (--flip-augment)
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         img = img.resize((self.size, self.size), Image.BICUBIC)
+        if self.hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
@@ -38,11 +41,14 @@ class Preprocess:
         return self.to_tensor(load_image(src, draft_size=self.size))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.hflip:  # unflipped keeps the dict (so cache keys and checkpoints) it always had
+            del d["hflip"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("hflip", False)))
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

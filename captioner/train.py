@@ -10,7 +10,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from .encoders import DEFAULT_ENCODER, create_encoder
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import save_model
+from .memory import TRIM_EVERY, trim_heap
 from .metrics import bleu
 from .model import DecoderConfig, ShowAndTell
 from .vocab import Vocabulary
@@ -44,6 +45,8 @@ class TrainConfig:
     encoder: str = DEFAULT_ENCODER
     encoder_weights: str | None = None
     fine_tune_blocks: int = 0
+    image_size: int = 0  # 0: the encoder's own input size
+    flip_augment: bool = False  # train on mirrored images' features too, picked at random per caption
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
@@ -92,7 +95,8 @@ class TrainConfig:
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-                  (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0"),
+                  (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"),
+                  (self.image_size == 0 or 32 <= self.image_size <= 1024, "image size must be 0 or 32..1024"), (self.workers >= 0, "workers must be >= 0"),
                   (math.isfinite(self.lr), "learning rate must be finite"),
                   (0 <= self.weight_decay < math.inf, "weight decay must be >= 0"),
                   (0 <= self.grad_clip < math.inf, "grad clip must be >= 0 (0 = off)"),
@@ -253,18 +257,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     # --- encoder and cached features ---
     encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
+    if cfg.image_size:  # the size travels in the checkpoint with the rest of the preprocessing
+        encoder.preprocess = replace(encoder.preprocess, size=cfg.image_size)
     fine_tune = cfg.fine_tune_blocks > 0
     paths = [r.image for r in train_recs + dev_recs]
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
         raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
+    if fine_tune and cfg.flip_augment:
+        raise CaptionerError("--flip-augment works on cached features; it cannot be combined with --fine-tune-blocks")
     with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
         fs = cache_features(cfg, encoder, paths, progress)
+        if cfg.flip_augment:  # a second cache of the mirrored images; the checkpoint keeps the unflipped preprocessing
+            plain = encoder.preprocess
+            encoder.preprocess = replace(plain, hflip=True)
+            try:
+                fs_flip = cache_features(cfg, encoder, paths, progress)
+            finally:
+                encoder.preprocess = plain
     if fs.bad and dctx.is_main:
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
     valid = fs.valid_mask()
+    if cfg.flip_augment:  # rows len(paths).. hold the mirrored views
+        feats = torch.cat([feats, torch.from_numpy(np.asarray(fs_flip.features, dtype=np.float32))])
+        valid &= fs_flip.valid_mask()
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
@@ -374,13 +392,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             epoch = st["epoch"]
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
             order = torch.randperm(len(train_items), generator=g).tolist()
+            flips = torch.randint(0, 2, (len(train_items),), generator=g).tolist() if cfg.flip_augment else None
             bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not progress, dynamic_ncols=True)
             t_epoch, n_caps = time.time(), 0
             for b in range(st["batch"], steps_per_epoch):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 mine = dctx.shard(idx) or idx[:1]  # DDP: a rank left out of a short last batch adds 0 x one item
-                rows = [train_items[i][0] for i in mine]
+                rows = [train_items[i][0] + (len(paths) if flips and flips[i] else 0) for i in mine]
                 caps, lens = _pad([train_items[i][1] for i in mine])
                 for grp in optim.param_groups:
                     grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]
@@ -414,6 +433,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 st["train_loss_n"] += 1
                 n_caps += len(idx)
                 bar.update(1)
+                if st["step"] % TRIM_EVERY == 0 and cfg.device == "cpu":
+                    trim_heap()
                 bar.set_postfix(loss=f"{loss_value:.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
                     save_state()

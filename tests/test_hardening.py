@@ -103,13 +103,20 @@ if _delay:  # a slow disk: every fsync takes a while, so a kill can land while a
     os.fsync = _slow_fsync
 if os.environ.get("HARDENING_NAIVE_WRITES"):  # what atomic writes replace: overwriting the file in place
     import captioner.checkpoint as _c
-    def _naive(path, data):
+    def _naive(path, write):
+        import tempfile
+        fd, tmp = tempfile.mkstemp()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            data = f.read()
+        os.unlink(tmp)
         with open(path, "wb") as f:
             for i in range(0, len(data), 32768):
                 f.write(data[i:i + 32768])
                 f.flush()
                 os.fsync(f.fileno())
-    _c.atomic_write_bytes = _naive
+    _c.atomic_write = _naive
 '''
 
 
@@ -233,7 +240,7 @@ def test_sigkill_at_random_moments_and_mid_save_loses_nothing(tiny, tmp_path):
 
 def test_kill_harness_detects_a_non_atomic_writer(tiny, tmp_path):
     """The check above is not vacuous: with saves that overwrite the file in place (what
-    atomic_write_bytes replaced), one SIGKILL mid-save leaves an unloadable state.safetensors."""
+    atomic_write replaced), one SIGKILL mid-save leaves an unloadable state.safetensors."""
     t = Trainer(tiny, tmp_path / "naive", tmp_path / "hooks")
     t.out.mkdir()
     state = t.out / "state.safetensors"

@@ -180,3 +180,28 @@ def test_config_file_alone_names_data_and_out(tiny_data, tmp_path, monkeypatch):
     assert main(["train", "--config", "recipe.json", "--out", "typed", "--seed", "5", *common]) == 0
     cfg = json.loads((tmp_path / "typed" / "config.json").read_text())
     assert (cfg["seed"], cfg["hidden_dim"]) == (5, 8)
+
+
+def test_image_size_and_flip_augment_reach_the_checkpoint_and_the_features(tiny_data, tmp_path):
+    from captioner.features import extract_features
+    train(_cfg(tiny_data, tmp_path / "run", epochs=2, image_size=96, flip_augment=True), progress=False)
+    cap = Captioner.load(tmp_path / "run")
+    assert cap.encoder.preprocess.size == 96 and not cap.encoder.preprocess.hflip  # shipped unflipped
+    # The mirrored view went through the cache as its own entry, and it differs from the plain one.
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:3]
+    plain = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False).features
+    from dataclasses import replace
+    cap.encoder.preprocess = replace(cap.encoder.preprocess, hflip=True)
+    flipped = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False).features
+    assert plain.shape == flipped.shape and not (plain == flipped).all()
+    # A mirrored image's features equal the flipped view of the original.
+    from PIL import Image
+    mirror = tmp_path / "mirror.png"
+    Image.open(imgs[0]).convert("RGB").resize((96, 96), Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirror)
+    cap.encoder.preprocess = replace(cap.encoder.preprocess, hflip=False)
+    (mirrored,) = cap.encode([mirror])
+    assert torch.allclose(mirrored.half().float(), torch.tensor(flipped[0], dtype=torch.float32), atol=2e-2)
+    with pytest.raises(CaptionerError, match="fine-tune"):
+        train(_cfg(tiny_data, tmp_path / "bad", flip_augment=True, fine_tune_blocks=1), progress=False)
+    with pytest.raises(CaptionerError, match="image size"):
+        _cfg(tiny_data, tmp_path / "bad2", image_size=8).validate()
