@@ -22,9 +22,9 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
-from .encoders import DEFAULT_ENCODER, create_encoder
+from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import CaptionerError
-from .features import extract_features
+from .features import FeatureSet, extract_features
 from .inference import save_model
 from .memory import TRIM_EVERY, trim_heap
 from .metrics import bleu
@@ -219,10 +219,26 @@ def training_records(cfg: TrainConfig, log=print) -> tuple[Dataset, list[Record]
     return full, train_recs, dev_recs
 
 
-def cache_features(cfg: TrainConfig, encoder, paths: list[Path], progress: bool = True):
-    """Encoder features of `paths` from the disk cache, computing what is missing (see features.py)."""
-    return extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
-                            weights_tag=str(cfg.encoder_weights or ""), device=cfg.device)
+def training_encoder(cfg: TrainConfig) -> Encoder:
+    encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
+    if cfg.image_size:  # the size travels in the checkpoint with the rest of the preprocessing
+        encoder.preprocess = replace(encoder.preprocess, size=cfg.image_size)
+    return encoder
+
+
+def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progress: bool = True) -> list[FeatureSet]:
+    """Encoder features of `paths` from the disk cache, computing what is missing (see features.py): the
+    images as they are, then with --flip-augment their mirror images (the checkpoint keeps the plain view)."""
+    views = [encoder.preprocess] + ([replace(encoder.preprocess, hflip=True)] if cfg.flip_augment else [])
+    plain, out = encoder.preprocess, []
+    try:
+        for pre in views:
+            encoder.preprocess = pre
+            out.append(extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+                                        weights_tag=str(cfg.encoder_weights or ""), device=cfg.device))
+    finally:
+        encoder.preprocess = plain
+    return out
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -256,9 +272,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     log(f"vocabulary: {len(vocab)} words (min count {cfg.min_count})")
 
     # --- encoder and cached features ---
-    encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
-    if cfg.image_size:  # the size travels in the checkpoint with the rest of the preprocessing
-        encoder.preprocess = replace(encoder.preprocess, size=cfg.image_size)
+    encoder = training_encoder(cfg)
     fine_tune = cfg.fine_tune_blocks > 0
     paths = [r.image for r in train_recs + dev_recs]
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
@@ -266,23 +280,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if fine_tune and cfg.flip_augment:
         raise CaptionerError("--flip-augment works on cached features; it cannot be combined with --fine-tune-blocks")
     with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
-        fs = cache_features(cfg, encoder, paths, progress)
-        if cfg.flip_augment:  # a second cache of the mirrored images; the checkpoint keeps the unflipped preprocessing
-            plain = encoder.preprocess
-            encoder.preprocess = replace(plain, hflip=True)
-            try:
-                fs_flip = cache_features(cfg, encoder, paths, progress)
-            finally:
-                encoder.preprocess = plain
+        fs, *mirrored = cache_features(cfg, encoder, paths, progress)
     if fs.bad and dctx.is_main:
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
     valid = fs.valid_mask()
-    if cfg.flip_augment:  # rows len(paths).. hold the mirrored views
-        feats = torch.cat([feats, torch.from_numpy(np.asarray(fs_flip.features, dtype=np.float32))])
-        valid &= fs_flip.valid_mask()
+    for view in mirrored:  # rows len(paths).. hold the mirror images
+        feats = torch.cat([feats, torch.from_numpy(np.asarray(view.features, dtype=np.float32))])
+        valid &= view.valid_mask()
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]

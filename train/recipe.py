@@ -120,10 +120,9 @@ class Recipe:
 
     def features(self) -> None:
         # Once, before the parallel runs would all compute (and race to write) the same cache.
-        from captioner.encoders import create_encoder
-        from captioner.train import cache_features, training_records
+        from captioner.train import cache_features, training_encoder, training_records
         _, tr, dev = training_records(self.cfg)
-        encoder = create_encoder(self.cfg.encoder, weights=self.cfg.encoder_weights)
+        encoder = training_encoder(self.cfg)
         fs = cache_features(self.cfg, encoder, [r.image for r in tr + dev], progress=True)
         self.peak_mb = max(self.peak_mb, _rss_mb([os.getpid()]))
         del fs, encoder
