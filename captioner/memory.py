@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-TRIM_EVERY = 10  # steps
+
+def _trim_every() -> int:
+    try:  # CAPTIONER_TRIM_EVERY=0 turns trimming off (eval/bench.py's baseline for row 5)
+        return max(0, int(os.environ.get("CAPTIONER_TRIM_EVERY", "10")))
+    except ValueError:
+        return 10
+
+
+TRIM_EVERY = _trim_every()  # steps
 
 
 def _libc_trim():
@@ -26,6 +35,10 @@ def _libc_trim():
 
 
 _TRIM = _libc_trim()
+
+
+def trim_due(step: int) -> bool:
+    return TRIM_EVERY > 0 and step % TRIM_EVERY == 0
 
 
 def trim_heap() -> bool:

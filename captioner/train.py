@@ -26,7 +26,7 @@ from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import CaptionerError
 from .features import FeatureSet, extract_features
 from .inference import save_model
-from .memory import TRIM_EVERY, trim_heap
+from .memory import trim_due, trim_heap
 from .metrics import bleu
 from .model import DecoderConfig, ShowAndTell
 from .vocab import Vocabulary
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 st["train_loss_n"] += 1
                 n_caps += len(idx)
                 bar.update(1)
-                if st["step"] % TRIM_EVERY == 0 and cfg.device == "cpu":
+                if trim_due(st["step"]) and cfg.device == "cpu":
                     trim_heap()
                 bar.set_postfix(loss=f"{loss_value:.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
                 if cfg.save_every and st["step"] % cfg.save_every == 0:

@@ -9,7 +9,7 @@
 2. feature extraction (captioner.features.extract_features) vs the encoder's bare forward, same batch
 3. batched beam search (K=3) vs one image at a time (beam_search_reference), same captions?
 4. one uploaded image the demo's way (JPEG bytes -> decode, resize, encode, beam 3) vs a bare batch-1 forward
-5. peak memory (max RSS) of a short `captioner train` run on Flickr8k, in a subprocess
+5. peak memory (max RSS) of a `captioner train` epoch on Flickr8k, in a subprocess, vs the same without heap trimming
 6. the training step with mixed precision (TrainConfig.amp: bf16 autocast on CPU) vs fp32
 
 Run from anywhere; it works from the repository root, so the dataset paths match the warm feature cache
@@ -298,14 +298,15 @@ def bench_demo(model_path: Path, image: Path, runs: int) -> dict:
 
 # --- 5. peak memory -------------------------------------------------------------------------------------
 
-def bench_memory(data: str, steps: int, threads: int = 0) -> dict:
+def bench_memory(data: str, steps: int, threads: int = 0, trim_every: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         cmd = [sys.executable, "-m", "captioner", "train", "--config", "train/flickr8k.json", "--data", data,
                "--epochs", "1", "--dev-images", "100",
                "--out", os.path.join(tmp, "run"), "--quiet"] + (["--stop-after-steps", str(steps)] if steps else [])
         with open(os.path.join(tmp, "log.txt"), "w+") as log:
             t = time.perf_counter()
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+                   **({"CAPTIONER_TRIM_EVERY": trim_every} if trim_every is not None else {})}
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (its process tree), not earlier children's
             p.returncode = os.waitstatus_to_exitcode(status)
@@ -350,9 +351,12 @@ def main() -> int:
     if 5 in only:
         steps = 100 if q else 0
         r = bench_memory(args.data, steps, args.threads)
-        add(5, "peak memory (max RSS), Flickr8k training run (the recipe's model)", f"{r['rss_gb']:.2f} GB",
-            "-", "-", "< 2 GB", r["rss_gb"] < 2 and r["ok"])
-        notes.append(f"[5] `{r['cmd']}` ({r['seconds']:.0f}s, exit {r['rc']}; warm feature cache). Max RSS of that "
+        b = bench_memory(args.data, steps, args.threads, trim_every="0")
+        add(5, "peak memory (max RSS), Flickr8k training run (the recipe's model)",
+            f"{r['rss_gb']:.2f} GB ({r['seconds']:.0f} s)", f"{b['rss_gb']:.2f} GB ({b['seconds']:.0f} s; heap not "
+            f"trimmed, CAPTIONER_TRIM_EVERY=0)", f"{b['rss_gb'] / r['rss_gb']:.2f}x less, {r['seconds'] / b['seconds']:.2f}x "
+            f"the time", "< 2 GB", r["rss_gb"] < 2 and r["ok"])
+        notes.append(f"[5] `{r['cmd']}` (warm feature cache; exit {r['rc']} and {b['rc']}). Max RSS of each "
                      f"child from os.wait4, run first, while this process was small ({r['parent_gb']:.2f} GB): a "
                      f"child's max RSS includes the parent's pages it was forked with. Last line: {r['tail']}")
     encoder = create_encoder()
