@@ -26,6 +26,7 @@ from .decoding import _mask, _step
 from .defaults import BEAM_SIZE
 from .errors import CaptionerError
 from .images import ImageError, load_image
+from .memory import trim_heap
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 METHODS = ("Beam search", "Greedy", "Sampling")
 MAX_BEAM, MAX_ALTERNATIVES, MAX_WORDS, MAX_BATCH = 10, 10, 50, 200
+TRIM_REQUESTS = 16  # give freed heap back every this many requests (Gradio's worker threads each grow a malloc arena)
 ALT_HEADERS = ["caption", "log-prob", "share of listed"]
 BATCH_HEADERS = ["file", "caption", "log-prob", "error"]
 
@@ -146,6 +148,12 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
     max_bytes = max_upload_mb * 2**20
     draft = getattr(cap.encoder.preprocess, "size", None)
     out_dir = Path(tempfile.mkdtemp(prefix="captioner-demo-"))  # batch CSV/JSON files
+    served = [0]
+
+    def done() -> None:
+        served[0] += 1
+        if served[0] % TRIM_REQUESTS == 0:
+            trim_heap()
 
     def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
@@ -158,6 +166,8 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
             alts = caption_images(cap, [img], *settings)[0]
         except CaptionerError as e:
             raise gr.Error(str(e), duration=None, print_exception=False)  # stays on the page until closed
+        finally:
+            done()
         details = f"{time.perf_counter() - t0:.2f} s · {_describe(settings[0], settings[1], settings[4])}"
         return alts[0][0], _alternatives_table(alts), details
 
@@ -192,6 +202,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         with open(f"{stem}.json", "w", encoding="utf-8") as f:
             json.dump([dict(zip(["file", "caption", "logprob", "error"], r)) for r in rows], f, indent=2)
         n_bad = sum(1 for r in rows if r[3])
+        done()
         summary = (f"{len(rows) - n_bad} captioned, {n_bad} failed · {time.perf_counter() - t0:.2f} s · "
                    f"{_describe(settings[0], settings[1], settings[4])}")
         return rows, [f"{stem}.csv", f"{stem}.json"], summary
