@@ -80,6 +80,8 @@ def cmd_scst(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .memory import limit_onednn_cache
+    limit_onednn_cache()  # first thing: oneDNN reads it once, when it makes its first kernel
     from .train import RECIPE_KEYS, Interrupted, TrainConfig, resume_config, train
     if args.scst:
         return cmd_scst(args)

@@ -30,3 +30,13 @@ def test_trim_schedule_follows_the_environment(monkeypatch):
     assert not any(memory.trim_due(s) for s in range(1, 50))
     monkeypatch.setattr(memory, "TRIM_EVERY", 10)
     assert [s for s in range(1, 31) if memory.trim_due(s)] == [10, 20, 30]
+
+
+def test_onednn_cache_cap_is_a_default_the_environment_overrides(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    memory.limit_onednn_cache()
+    import os
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == memory.ONEDNN_CACHE_CAPACITY
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    memory.limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
