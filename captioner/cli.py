@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size for the encoder (default 0: its own, 224 for efficientnet_lite0)")
     t.add_argument("--flip-augment", action="store_true",
                    help="also cache mirrored images' features and train on either view at random (extraction 2x)")
+    t.add_argument("--crop-augment", action="store_true",
+                   help="also cache the four corner crops' features (7/8 of each side) and train on any view at random "
+                        "(extraction 5x, or 6x with --flip-augment)")
     t.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
     t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
     t.add_argument("--num-layers", type=_positive_int, default=d.num_layers)

@@ -26,9 +26,16 @@ class Preprocess:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    hflip: bool = False  # mirror image: a second view of each training image (--flip-augment)
+    hflip: bool = False  # mirror image: another view of each training image (--flip-augment)
+    crop: str = ""  # "tl", "tr", "bl" or "br": that corner's CROP_SCALE crop (--crop-augment)
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        if self.crop:
+            w, h = img.size
+            cw, ch = round(w * CROP_SCALE), round(h * CROP_SCALE)
+            left = w - cw if self.crop[1] == "r" else 0
+            top = h - ch if self.crop[0] == "b" else 0
+            img = img.crop((left, top, left + cw, top + ch))
         img = img.resize((self.size, self.size), Image.BICUBIC)
         if self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -42,13 +49,21 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.hflip:  # unflipped keeps the dict (so cache keys and checkpoints) it always had
-            del d["hflip"]
+        for view in ("hflip", "crop"):  # the plain view keeps the dict (so cache keys and checkpoints) it always had
+            if not d[view]:
+                del d[view]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("hflip", False)))
+        crop = str(d.get("crop", ""))
+        if crop not in CROPS + ("",):
+            raise ValueError(f"unknown crop {crop!r}")
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("hflip", False)), crop)
+
+
+CROP_SCALE = 0.875  # side of the corner crops, as a fraction of the image's
+CROPS = ("tl", "tr", "bl", "br")
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

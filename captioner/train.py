@@ -22,7 +22,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
-from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
+from .encoders import CROPS, DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import CaptionerError
 from .features import FeatureSet, extract_features
 from .inference import save_model
@@ -47,6 +47,7 @@ class TrainConfig:
     fine_tune_blocks: int = 0
     image_size: int = 0  # 0: the encoder's own input size
     flip_augment: bool = False  # train on mirrored images' features too, picked at random per caption
+    crop_augment: bool = False  # and on the four corner crops' features
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
@@ -228,8 +229,10 @@ def training_encoder(cfg: TrainConfig) -> Encoder:
 
 def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progress: bool = True) -> list[FeatureSet]:
     """Encoder features of `paths` from the disk cache, computing what is missing (see features.py): the
-    images as they are, then with --flip-augment their mirror images (the checkpoint keeps the plain view)."""
-    views = [encoder.preprocess] + ([replace(encoder.preprocess, hflip=True)] if cfg.flip_augment else [])
+    images as they are, then with --flip-augment their mirror images and with --crop-augment their four corner
+    crops (training draws one view per caption and epoch; the checkpoint keeps the plain one)."""
+    views = [encoder.preprocess] + ([replace(encoder.preprocess, hflip=True)] if cfg.flip_augment else []) + \
+        ([replace(encoder.preprocess, crop=c) for c in CROPS] if cfg.crop_augment else [])
     plain, out = encoder.preprocess, []
     try:
         for pre in views:
@@ -277,17 +280,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     paths = [r.image for r in train_recs + dev_recs]
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
         raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
-    if fine_tune and cfg.flip_augment:
-        raise CaptionerError("--flip-augment works on cached features; it cannot be combined with --fine-tune-blocks")
+    if fine_tune and (cfg.flip_augment or cfg.crop_augment):
+        raise CaptionerError("--flip-augment and --crop-augment work on cached features; they cannot be combined "
+                             "with --fine-tune-blocks")
     with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
-        fs, *mirrored = cache_features(cfg, encoder, paths, progress)
+        fs, *others = cache_features(cfg, encoder, paths, progress)
     if fs.bad and dctx.is_main:
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
     valid = fs.valid_mask()
-    for view in mirrored:  # rows len(paths).. hold the mirror images
+    for view in others:  # view v's rows start at v * len(paths)
         feats = torch.cat([feats, torch.from_numpy(np.asarray(view.features, dtype=np.float32))])
         valid &= view.valid_mask()
     n_train = len(train_recs)
@@ -399,14 +403,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             epoch = st["epoch"]
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
             order = torch.randperm(len(train_items), generator=g).tolist()
-            flips = torch.randint(0, 2, (len(train_items),), generator=g).tolist() if cfg.flip_augment else None
+            views = torch.randint(0, len(others) + 1, (len(train_items),), generator=g).tolist() if others else None
             bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not progress, dynamic_ncols=True)
             t_epoch, n_caps = time.time(), 0
             for b in range(st["batch"], steps_per_epoch):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 mine = dctx.shard(idx) or idx[:1]  # DDP: a rank left out of a short last batch adds 0 x one item
-                rows = [train_items[i][0] + (len(paths) if flips and flips[i] else 0) for i in mine]
+                rows = [train_items[i][0] + (views[i] * len(paths) if views else 0) for i in mine]
                 caps, lens = _pad([train_items[i][1] for i in mine])
                 for grp in optim.param_groups:
                     grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]

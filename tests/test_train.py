@@ -182,26 +182,42 @@ def test_config_file_alone_names_data_and_out(tiny_data, tmp_path, monkeypatch):
     assert (cfg["seed"], cfg["hidden_dim"]) == (5, 8)
 
 
-def test_image_size_and_flip_augment_reach_the_checkpoint_and_the_features(tiny_data, tmp_path):
-    from captioner.features import extract_features
-    train(_cfg(tiny_data, tmp_path / "run", epochs=2, image_size=96, flip_augment=True), progress=False)
-    cap = Captioner.load(tmp_path / "run")
-    assert cap.encoder.preprocess.size == 96 and not cap.encoder.preprocess.hflip  # shipped unflipped
-    # The mirrored view went through the cache as its own entry, and it differs from the plain one.
-    imgs = sorted(tiny_data.glob("img*.jpg"))[:3]
-    plain = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False).features
+def test_image_size_and_augmented_views_reach_the_checkpoint_and_the_features(tiny_data, tmp_path):
     from dataclasses import replace
+
+    from PIL import Image
+
+    from captioner.features import extract_features
+    cache = tmp_path / "cache"
+    train(_cfg(tiny_data, tmp_path / "run", epochs=2, image_size=96, flip_augment=True, crop_augment=True,
+               cache_dir=str(cache)), progress=False)
+    cap = Captioner.load(tmp_path / "run")
+    pre = cap.encoder.preprocess
+    assert pre.size == 96 and not pre.hflip and not pre.crop  # shipped plain
+    # Every view went through the cache as its own entry: plain, mirrored and four corners.
+    assert len(list(cache.glob("*.npy"))) == 6
+    # A corner crop's features are those of that corner cut out by hand.
+    img = Image.open(sorted(tiny_data.glob("img*.jpg"))[1]).convert("RGB")
+    corner = tmp_path / "corner.png"
+    img.crop((img.width - 56, img.height - 56, img.width, img.height)).save(corner)
+    cap.encoder.preprocess = replace(pre, crop="br")
+    by_view = cap.encode([sorted(tiny_data.glob("img*.jpg"))[1]])
+    cap.encoder.preprocess = pre
+    assert torch.allclose(by_view, cap.encode([corner]), atol=1e-4)
+    # The mirrored view differs from the plain one.
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:3]
+    cap.encoder.preprocess = pre
+    plain = extract_features(cap.encoder, imgs, cache, workers=0, progress=False).features
     cap.encoder.preprocess = replace(cap.encoder.preprocess, hflip=True)
-    flipped = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False).features
+    flipped = extract_features(cap.encoder, imgs, cache, workers=0, progress=False).features
     assert plain.shape == flipped.shape and not (plain == flipped).all()
     # A mirrored image's features equal the flipped view of the original.
-    from PIL import Image
     mirror = tmp_path / "mirror.png"
     Image.open(imgs[0]).convert("RGB").resize((96, 96), Image.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirror)
     cap.encoder.preprocess = replace(cap.encoder.preprocess, hflip=False)
     (mirrored,) = cap.encode([mirror])
     assert torch.allclose(mirrored.half().float(), torch.tensor(flipped[0], dtype=torch.float32), atol=2e-2)
     with pytest.raises(CaptionerError, match="fine-tune"):
-        train(_cfg(tiny_data, tmp_path / "bad", flip_augment=True, fine_tune_blocks=1), progress=False)
+        train(_cfg(tiny_data, tmp_path / "bad", crop_augment=True, fine_tune_blocks=1), progress=False)
     with pytest.raises(CaptionerError, match="image size"):
         _cfg(tiny_data, tmp_path / "bad2", image_size=8).validate()
