@@ -19,6 +19,10 @@ from .errors import CaptionerError
 from .images import ImageSource, load_image
 
 
+CROP_SCALE = 0.875  # side of the corner crops, as a fraction of the image's
+CROPS = ("tl", "tr", "bl", "br")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Square resize (aspect not kept, as Flickr8k ships its images) then per-channel normalisation."""
@@ -60,10 +64,6 @@ class Preprocess:
         if crop not in CROPS + ("",):
             raise ValueError(f"unknown crop {crop!r}")
         return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("hflip", False)), crop)
-
-
-CROP_SCALE = 0.875  # side of the corner crops, as a fraction of the image's
-CROPS = ("tl", "tr", "bl", "br")
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

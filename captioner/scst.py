@@ -25,7 +25,7 @@ from .defaults import LENGTH_PENALTY
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import load_model, save_model
-from .memory import trim_due, trim_heap
+from .memory import trim_if_due
 from .metrics import bleu
 from .model import ShowAndTell
 from .vocab import Vocabulary, tokenize
@@ -205,8 +205,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optim.step()
-            if trim_due(b + 1) and cfg.device == "cpu":
-                trim_heap()
+            if cfg.device == "cpu":
+                trim_if_due(b + 1)
             rewards.append(float(r.mean()))
             bar.set_postfix(cider=f"{np.mean(rewards[-20:]):.3f}")
         bar.close()

@@ -26,7 +26,7 @@ from .encoders import CROPS, DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import CaptionerError
 from .features import FeatureSet, extract_features
 from .inference import save_model
-from .memory import trim_due, trim_heap
+from .memory import trim_if_due
 from .metrics import bleu
 from .model import DecoderConfig, ShowAndTell
 from .vocab import Vocabulary
@@ -231,17 +231,12 @@ def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progre
     """Encoder features of `paths` from the disk cache, computing what is missing (see features.py): the
     images as they are, then with --flip-augment their mirror images and with --crop-augment their four corner
     crops (training draws one view per caption and epoch; the checkpoint keeps the plain one)."""
-    views = [encoder.preprocess] + ([replace(encoder.preprocess, hflip=True)] if cfg.flip_augment else []) + \
-        ([replace(encoder.preprocess, crop=c) for c in CROPS] if cfg.crop_augment else [])
-    plain, out = encoder.preprocess, []
-    try:
-        for pre in views:
-            encoder.preprocess = pre
-            out.append(extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
-                                        weights_tag=str(cfg.encoder_weights or ""), device=cfg.device))
-    finally:
-        encoder.preprocess = plain
-    return out
+    plain = encoder.preprocess
+    views = [plain] + ([replace(plain, hflip=True)] if cfg.flip_augment else []) + \
+        ([replace(plain, crop=c) for c in CROPS] if cfg.crop_augment else [])
+    return [extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+                             weights_tag=str(cfg.encoder_weights or ""), device=cfg.device, preprocess=pre)
+            for pre in views]
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -289,11 +284,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
-    feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
-    valid = fs.valid_mask()
-    for view in others:  # view v's rows start at v * len(paths)
-        feats = torch.cat([feats, torch.from_numpy(np.asarray(view.features, dtype=np.float32))])
-        valid &= view.valid_mask()
+    # View v's rows start at v * len(paths); an image unreadable in any view is left out of all.
+    arrays = [np.asarray(v.features, dtype=np.float32) for v in (fs, *others)]
+    feats = torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+    valid = np.logical_and.reduce([v.valid_mask() for v in (fs, *others)])
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
@@ -444,8 +438,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 st["train_loss_n"] += 1
                 n_caps += len(idx)
                 bar.update(1)
-                if trim_due(st["step"]) and cfg.device == "cpu":
-                    trim_heap()
+                if cfg.device == "cpu":
+                    trim_if_due(st["step"])
                 bar.set_postfix(loss=f"{loss_value:.3f}", caps_s=f"{n_caps / max(time.time() - t_epoch, 1e-9):.0f}")
                 if cfg.save_every and st["step"] % cfg.save_every == 0:
                     save_state()

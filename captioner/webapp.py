@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from .decoding import _mask, _step
 from .defaults import BEAM_SIZE
 from .errors import CaptionerError
 from .images import ImageError, load_image
-from .memory import trim_heap
+from .memory import trim_if_due
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -148,12 +149,10 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
     max_bytes = max_upload_mb * 2**20
     draft = getattr(cap.encoder.preprocess, "size", None)
     out_dir = Path(tempfile.mkdtemp(prefix="captioner-demo-"))  # batch CSV/JSON files
-    served = [0]
+    served = itertools.count(1)
 
     def done() -> None:
-        served[0] += 1
-        if served[0] % TRIM_REQUESTS == 0:
-            trim_heap()
+        trim_if_due(next(served), TRIM_REQUESTS)
 
     def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""

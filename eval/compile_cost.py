@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bench import timed  # eval/bench.py, beside this script
 from captioner.model import DecoderConfig, ShowAndTell
 
 
@@ -39,16 +40,14 @@ def main() -> None:
         loss = torch.compile(m.loss, dynamic=True) if name == "compiled" else m.loss
         models[name] = (loss, torch.optim.AdamW(m.parameters(), 1e-3))
 
-    def step(name: str, i: int) -> float:
+    def step(name: str, i: int) -> None:
         loss_fn, opt = models[name]
         f, c, l = batches[i % len(batches)]
-        t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(f, c, l)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return time.perf_counter() - t
     t = time.perf_counter()
     for i in range(5):  # warm-up; the compiled model compiles here
         step("compiled", i)
@@ -57,7 +56,7 @@ def main() -> None:
     times = {"eager": [], "compiled": []}
     for i in range(args.steps):
         for name in times:
-            times[name].append(step(name, i))
+            times[name] += timed(lambda: step(name, i), 1, warmup=0)
     e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
     print(f"training step, batch 64, bf16 autocast, {args.threads} thread(s): eager {e * 1e3:.0f} ms, "
           f"torch.compile {c * 1e3:.0f} ms -> {e / c:.2f}x")
