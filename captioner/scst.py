@@ -8,6 +8,7 @@ once from all training references (as the SCST paper does), not from each batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .decoding import beam_search
 from .defaults import LENGTH_PENALTY
+from .distributed import features_on_device
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import load_model, save_model
@@ -87,21 +89,23 @@ class ScstConfig:
 
 def sample(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, n: int, max_len: int,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n sampled captions per image: ids [B*n, T] as `<start> w.. <end> <pad>..` and lengths incl. start/end."""
+    """n sampled captions per image: ids [B*n, T] as `<start> w.. <end> <pad>..` and lengths incl. start/end.
+
+    `generator` lives on the features' device (torch.multinomial draws there)."""
     feats = features.repeat_interleave(n, dim=0)
     state = model.init_state(feats)
-    N = feats.shape[0]
-    tokens = torch.full((N,), vocab.start_id, dtype=torch.long)
+    N, dev = feats.shape[0], feats.device
+    tokens = torch.full((N,), vocab.start_id, dtype=torch.long, device=dev)
     seqs = [tokens]
-    done = torch.zeros(N, dtype=torch.bool)
-    lengths = torch.full((N,), max_len + 2, dtype=torch.long)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    lengths = torch.full((N,), max_len + 2, dtype=torch.long, device=dev)
     for t in range(max_len + 1):
         logp, state = model.step(tokens, state)
         logp[:, vocab.pad_id] = logp[:, vocab.start_id] = logp[:, vocab.unk_id] = -float("inf")
         if t == 0:
             logp[:, vocab.end_id] = -float("inf")
         if t == max_len:  # force an end
-            tokens = torch.full((N,), vocab.end_id, dtype=torch.long)
+            tokens = torch.full((N,), vocab.end_id, dtype=torch.long, device=dev)
         else:
             tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
         tokens = torch.where(done, torch.full_like(tokens, vocab.pad_id), tokens)
@@ -111,7 +115,7 @@ def sample(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, n: int
         done |= newly
         if bool(done.all()):
             break
-    return torch.stack(seqs, 1), lengths
+    return torch.stack(seqs, 1), lengths.cpu()  # packing wants the lengths on the host
 
 
 def _policy_mask(logits: torch.Tensor, n_seqs: int, vocab: Vocabulary) -> torch.Tensor:
@@ -125,6 +129,48 @@ def _policy_mask(logits: torch.Tensor, n_seqs: int, vocab: Vocabulary) -> torch.
     logits[:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = -float("inf")
     logits[:n_seqs, vocab.end_id] = -float("inf")
     return logits
+
+
+@contextlib.contextmanager
+def without_dropout(model: ShowAndTell):
+    """Training mode with every dropout off: the update scores the policy that was sampled (dropout off),
+    and cuDNN's LSTM has a backward pass only in training mode."""
+    was = model.training
+    model.train()
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    lstm_p = model.lstm.dropout
+    for m in drops:
+        m.eval()
+    model.lstm.dropout = 0.0
+    try:
+        yield
+    finally:
+        model.lstm.dropout = lstm_p
+        model.train(was)
+
+
+def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torch.Tensor, caps: torch.Tensor,
+                lengths: torch.Tensor, rewards: torch.Tensor, vocab: Vocabulary) -> None:
+    """One REINFORCE update from `sample`'s captions and their rewards [B, n].
+
+    Each caption's baseline is the mean reward of the image's other samples (no greedy decode needed).
+    """
+    n = rewards.shape[1]
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
+    adv = (rewards - baseline).view(-1).to(features.device)
+    with without_dropout(model):
+        logits, targets = model(features.repeat_interleave(n, 0), caps.to(features.device), lengths)
+    tok_lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lengths), vocab), targets, reduction="none")
+    # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
+    packed = pack_padded_sequence(torch.zeros(len(lengths), int(lengths.max()) - 1, device=tok_lp.device),
+                                  lengths - 1, batch_first=True, enforce_sorted=False)
+    seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
+                                                packed.unsorted_indices), batch_first=True)[0].sum(1)
+    loss = -(adv * seq_lp).mean()
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optim.step()
 
 
 def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
@@ -146,6 +192,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
                           progress=progress)
     valid = fs.valid_mask()
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
+    if cfg.device.startswith("cuda"):
+        feats = features_on_device(feats, cfg.device)
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
@@ -156,7 +204,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     dev_tok_refs = [[" ".join(tokenize(c)) for c in refs] for refs in dev_refs]
     model = model.to(cfg.device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
 
     @torch.inference_mode()
     def dev_scores() -> dict:
@@ -190,21 +238,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             hyps = [" ".join(tokenize(vocab.decode(c))) for c in caps.tolist()]
             refs = [tok_refs[r] for r in rows for _ in range(cfg.samples)]
             r = torch.from_numpy(cider(hyps, refs)).float().view(len(rows), cfg.samples)
-            baseline = (r.sum(1, keepdim=True) - r) / (cfg.samples - 1)
-            adv = (r - baseline).view(-1).to(cfg.device)
-            logits, targets = model(f.repeat_interleave(cfg.samples, 0), caps.to(cfg.device), lens)
-            tok_lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lens), vocab), targets,
-                                                        reduction="none")
-            # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
-            packed = pack_padded_sequence(torch.zeros(len(lens), int(lens.max()) - 1), lens - 1, batch_first=True,
-                                          enforce_sorted=False)
-            seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
-                                                        packed.unsorted_indices), batch_first=True)[0].sum(1)
-            loss = -(adv * seq_lp).mean()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optim.step()
+            policy_step(model, optim, f, caps, lens, r, vocab)
             if cfg.device == "cpu":
                 trim_if_due(b + 1)
             rewards.append(float(r.mean()))

@@ -21,7 +21,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
                          remove_stale_temp_files, save_tensors)
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
-from .distributed import autocast, ddp_loss, setup as dist_setup, to_device
+from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
 from .encoders import CROPS, DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import CaptionerError
 from .features import FeatureSet, extract_features
@@ -182,6 +182,24 @@ def _restore_optim(optim: torch.optim.Optimizer, tensors: dict, groups: list[dic
     optim.load_state_dict(sd)
 
 
+def optimizer_step(loss: torch.Tensor, optim: torch.optim.Optimizer, params: list[torch.Tensor],
+                   scaler=None, grad_clip: float = 0.0) -> None:
+    """Backward and one update, shared with eval/gpu_bench.py so that it times the loop we ship."""
+    optim.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optim.step()
+    else:  # fp16: scaled gradients, unscaled before clipping; steps with inf/nan are skipped
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optim)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optim)
+        scaler.update()
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -293,6 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
     if cfg.dev_images:
         dev_rows = dev_rows[: cfg.dev_images]
+    if cfg.device.startswith("cuda") and not fine_tune:
+        feats = features_on_device(feats, cfg.device, log)
 
     # Caption-level training items: (feature row, token ids); empty captions skipped, long ones cut.
     def items(rows: list[int], recs: list[Record], base: int) -> list[tuple[int, list[int]]]:
@@ -416,19 +436,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                                         weight=float(bool(dctx.shard(idx))))
                     else:
                         loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing)
-                optim.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optim.step()
-                else:  # fp16: scaled gradients, unscaled before clipping; steps with inf/nan are skipped
-                    scaler.scale(loss).backward()
-                    if cfg.grad_clip > 0:
-                        scaler.unscale_(optim)
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    scaler.step(optim)
-                    scaler.update()
+                optimizer_step(loss, optim, params, scaler, cfg.grad_clip)
                 loss_value, halt = loss.item(), False
                 if dctx.enabled:  # the global batch's mean loss; every rank stops when any one was interrupted
                     loss_value, halt = dctx.sum([loss_value, float(stop["flag"])], cfg.device)
