@@ -30,6 +30,16 @@ def _int_at_least(low: int):
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .inference import Captioner
@@ -73,6 +83,7 @@ def cmd_scst(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size if _given(args, "--batch-size") else d.batch_size,
                      lr=args.lr if _given(args, "--lr") else d.lr, samples=args.samples,
                      eval_beam=args.eval_beam if _given(args, "--eval-beam") else d.eval_beam, seed=args.seed,
+                     meteor_weight=args.meteor_weight,
                      cache_dir=args.cache_dir, workers=args.workers, device=args.device)
     summary = train_scst(cfg, progress=not args.quiet)
     print(f"best dev BLEU-4 {summary['best_dev_BLEU-4']:.2f}; model: {summary['checkpoint']} ({summary['seconds']:.0f}s)")
@@ -146,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encoders import ENCODERS
+    from .encoders import ENCODERS, POOLS
     from .train import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="captioner", description="Show and Tell image captioning.")
@@ -213,12 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "from --init CKPT (defaults then: 5 epochs, lr 2e-5, 32 images x --samples per batch, dev beam 3)")
     t.add_argument("--init", help="with --scst: the cross-entropy checkpoint to start from")
     t.add_argument("--samples", type=_positive_int, default=5, help="with --scst: captions sampled per image")
+    t.add_argument("--meteor-weight", type=_nonneg_float, default=0.0,
+                   help="with --scst: reward CIDEr-D + this x METEOR (needs Java; default 0: CIDEr-D alone)")
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
     t.add_argument("--fine-tune-blocks", type=_nonneg_int, default=d.fine_tune_blocks,
                    help="also train the encoder's last N stages (images then run through the CNN each step)")
     t.add_argument("--image-size", type=_nonneg_int, default=d.image_size,
                    help="square input size for the encoder (default 0: its own, 224 for efficientnet_lite0)")
+    t.add_argument("--pool", choices=list(POOLS), default=d.pool,
+                   help="avg: the feature map's global average (Show and Tell); grid: that, then its 2x2 quadrants' "
+                        "averages (5x the features)")
     t.add_argument("--flip-augment", action="store_true",
                    help="also cache mirrored images' features and train on either view at random (extraction 2x)")
     t.add_argument("--crop-augment", action="store_true",

@@ -221,3 +221,42 @@ def test_image_size_and_augmented_views_reach_the_checkpoint_and_the_features(ti
         train(_cfg(tiny_data, tmp_path / "bad", crop_augment=True, fine_tune_blocks=1), progress=False)
     with pytest.raises(CaptionerError, match="image size"):
         _cfg(tiny_data, tmp_path / "bad2", image_size=8).validate()
+
+
+def test_scst_update_trains_without_dropout_and_restores_the_mode():
+    """cuDNN has no LSTM backward in eval mode, so the update runs in training mode with dropout off."""
+    from captioner.model import DecoderConfig, ShowAndTell
+    from captioner.scst import policy_step, sample, without_dropout
+    from captioner.vocab import Vocabulary
+    torch.manual_seed(0)
+    v = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
+    m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8, num_layers=2, dropout=0.5)).eval()
+    feats = torch.randn(2, 8)
+    caps, lens = sample(m, feats, v, 3, 6, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(feats.repeat_interleave(3, 0), caps, lens)[0]
+    with without_dropout(m):
+        assert m.training and m.lstm.dropout == 0.0
+        got = m(feats.repeat_interleave(3, 0), caps, lens)[0]
+    assert torch.allclose(got, want) and not m.training and m.lstm.dropout == 0.5
+    before = [p.clone() for p in m.parameters()]
+    policy_step(m, torch.optim.Adam(m.parameters(), lr=1e-2), feats, caps, lens, torch.rand(2, 3), v)
+    assert not m.training and any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_scst_meteor_reward(tiny_data, tmp_path):
+    from captioner.cli import main
+    from captioner.scst import MeteorReward
+    refs = [["a dog runs on grass", "a brown dog runs"], ["a cat sits on a mat", "a cat is sitting"]]
+    r = MeteorReward()
+    s = r(["a dog runs on the grass", "a banana phone"], refs)
+    r.close()
+    assert s.shape == (2,) and s[0] > 0.4 and 0 <= s[1] < 0.1
+    train(_cfg(tiny_data, tmp_path / "xe", epochs=1), progress=False)
+    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
+                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet", "--meteor-weight", "2"]) == 0
+    assert json.loads((tmp_path / "scst" / "config.json").read_text())["meteor_weight"] == 2.0
+    bad = subprocess.run([sys.executable, "-m", "captioner", "train", "--scst", "--meteor-weight", "-1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected a finite number >= 0" in bad.stderr and "Traceback" not in bad.stderr

@@ -27,7 +27,7 @@ from captioner.errors import CaptionerError
 from captioner.train import RECIPE_KEYS, TrainConfig
 
 SCST_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "samples": "--samples",
-              "eval_beam": "--eval-beam"}
+              "eval_beam": "--eval-beam", "meteor_weight": "--meteor-weight"}
 
 
 def _rss_mb(roots: list[int]) -> float:
