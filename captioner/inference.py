@@ -37,6 +37,7 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
             **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
+                        **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
                         "weights_included": include_encoder},
             **(extra or {})}
     save_tensors(path, tensors, meta)
@@ -44,7 +45,7 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
 
 def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     """Everything is checked against the metadata before the encoder is built (which may download weights)."""
-    from .encoders import ENCODER_DIMS, ENCODERS
+    from .encoders import ENCODER_DIMS, ENCODERS, POOLS
     tensors, meta = load_tensors(path)
     try:
         vocab = Vocabulary(meta["vocab"])
@@ -66,7 +67,10 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         raise CaptionerError(f"{path}: decoder expects {cfg.vocab_size} words but the vocabulary has {len(vocab)}")
     if enc_name not in ENCODERS:
         raise CaptionerError(f"{path}: unknown encoder {enc_name!r} (known: {', '.join(ENCODERS)})")
-    for dim in (ENCODER_DIMS.get(enc_name), enc_meta.get("dim")):
+    pool = enc_meta.get("pool", "avg")
+    if pool not in POOLS:
+        raise CaptionerError(f"{path}: unknown pooling {pool!r} (known: {', '.join(POOLS)})")
+    for dim in (ENCODER_DIMS.get(enc_name, 0) * POOLS[pool] or None, enc_meta.get("dim")):
         if dim is not None and dim != cfg.feature_dim:
             raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} "
                                  f"gives {dim}-d ones")
@@ -75,7 +79,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
         raise CaptionerError(f"{path}: weights do not match the config ({first_problem(e)})") from None
-    encoder = create_encoder(enc_name, pretrained=not with_encoder)
+    encoder = create_encoder(enc_name, pretrained=not with_encoder, pool=pool)
     if encoder.dim != cfg.feature_dim:
         raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
     if saved_pre is not None:
@@ -104,7 +108,7 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], half: boo
         elif vocab.to_list() != first[0].to_list():
             raise CaptionerError(f"{ckpt}: vocabulary differs from {checkpoints[0]}'s; ensemble members must be "
                                  f"trained on the same data with the same --min-count")
-        elif (encoder.name, encoder.preprocess) != (first[1].name, first[1].preprocess):
+        elif (encoder.name, encoder.preprocess, encoder.pool) != (first[1].name, first[1].preprocess, first[1].pool):
             raise CaptionerError(f"{ckpt}: encoder differs from {checkpoints[0]}'s")
         decoders += list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
     if first is None:

@@ -46,6 +46,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     fine_tune_blocks: int = 0
     image_size: int = 0  # 0: the encoder's own input size
+    pool: str = "avg"  # encoders.POOLS: "grid" adds the 2x2 quadrants to the global average
     flip_augment: bool = False  # train on mirrored images' features too, picked at random per caption
     crop_augment: bool = False  # and on the four corner crops' features
     embed_dim: int = 512
@@ -239,7 +240,7 @@ def training_records(cfg: TrainConfig, log=print) -> tuple[Dataset, list[Record]
 
 
 def training_encoder(cfg: TrainConfig) -> Encoder:
-    encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights)
+    encoder = create_encoder(cfg.encoder, weights=cfg.encoder_weights, pool=cfg.pool)
     if cfg.image_size:  # the size travels in the checkpoint with the rest of the preprocessing
         encoder.preprocess = replace(encoder.preprocess, size=cfg.image_size)
     return encoder

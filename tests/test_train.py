@@ -260,3 +260,21 @@ def test_scst_meteor_reward(tiny_data, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "captioner", "train", "--scst", "--meteor-weight", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "expected a finite number >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data, tmp_path):
+    from captioner.encoders import create_encoder
+    enc = create_encoder(pool="grid")
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        g, fmap = enc(x), enc.feature_map(x)
+    assert enc.dim == 5 * 1280 and g.shape == (2, 6400)
+    assert torch.allclose(g[:, :1280], fmap.mean((2, 3)), atol=1e-5)  # the global average first
+    assert torch.allclose(g[:, 5120:], fmap[:, :, 3:, 3:].mean((2, 3)), atol=1e-5)  # then the quadrants: bottom-right last
+    cache = tmp_path / "cache"
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="grid", cache_dir=str(cache)), progress=False)
+    cap = Captioner.load(tmp_path / "run")
+    assert cap.encoder.pool == "grid" and cap.decoder.cfg.feature_dim == 6400 and cap.meta["encoder"]["pool"] == "grid"
+    assert cap.caption(sorted(tiny_data.glob("img*.jpg"))[:2])
+    with pytest.raises(CaptionerError, match="pooling"):
+        train(_cfg(tiny_data, tmp_path / "bad", pool="max"), progress=False)
