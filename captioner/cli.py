@@ -43,7 +43,9 @@ def _nonneg_float(s: str) -> float:
 def cmd_caption(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .inference import Captioner
-    cap = Captioner.load(args.model, precision=args.precision)
+    from .train import check_device
+    check_device(args.device)
+    cap = Captioner.load(args.model, device=args.device, precision=args.precision)
     results, failed = [], 0
     for path in args.images:
         try:
@@ -136,9 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
+    from .train import check_device
+    check_device(args.device)
     res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
                    args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet,
-                   precision=args.precision)
+                   precision=args.precision, device=args.device)
     s = res["settings"]
     print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, {s['precision']} decoder weights "
           f"(scores on the 0-100 scale used in papers)")
@@ -174,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     c.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help=PRECISION_HELP)
     c.set_defaults(func=cmd_caption)
 
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_nonneg_int, default=0, help="score only the first N images (0 = all)")
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
     e.add_argument("--workers", type=_nonneg_int, default=2, help="image decoding processes")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 

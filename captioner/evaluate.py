@@ -31,8 +31,10 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
     out: list[str] = []
     bar = tqdm(total=len(feats), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress,
                dynamic_ncols=True)
+    if cap.device != "cpu":  # a GPU decodes thousands of images at once about 2x faster than hundreds
+        batch_size = max(batch_size, 5000)
     for i in range(0, len(feats), batch_size):
-        caps = cap.decode(feats[i:i + batch_size], beam_size=beam_size, max_len=max_len,
+        caps = cap.decode(feats[i:i + batch_size].to(cap.device), beam_size=beam_size, max_len=max_len,
                           length_penalty=length_penalty)
         out += [c.text for c in caps]
         bar.update(len(caps))
@@ -43,17 +45,18 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
-             progress: bool = True, precision: str = PRECISION) -> dict:
+             progress: bool = True, precision: str = PRECISION, device: str = "cpu") -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
         raise CaptionerError("--limit and --workers must be >= 0")
     if out_dir is not None:
         check_out_dir(out_dir)  # say so before the long decoding
-    cap = Captioner.load(model, precision=precision)
+    cap = Captioner.load(model, device=device, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
-    fs = extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
+    fs = extract_features(cap.encoder, [r.image for r in records], cache_dir, batch_size=4 if device == "cpu" else 64,
+                          workers=workers, progress=progress, device=device,
                           weights_tag="checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else "")
     mask = fs.valid_mask()
     kept = [r for r, ok in zip(records, mask) if ok]
@@ -65,7 +68,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
-                           "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty,
+                           "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty, "device": device,
                            "precision": cap.precision, "images": len(kept), "skipped_images": sorted(fs.bad), "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",
                            "seconds": round(time.time() - t0, 1)},

@@ -88,7 +88,10 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, msg in [(["train", "--data", str(tmp_path / "nope")], "data path not found"),
                       (["train", "--data", str(tmp_path / "file"), "--out", str(tmp_path / "o")], "cannot tell"),
                       (["caption", str(tmp_path / "nope.jpg"), "--model", str(tmp_path / "m.safetensors")], "not found"),
-                      (["caption", str(tmp_path / "file"), "--model", str(tmp_path / "file")], "not a readable")]:
+                      (["caption", str(tmp_path / "file"), "--model", str(tmp_path / "file")], "not a readable"),
+                      (["caption", str(tmp_path / "file"), "--device", "tpu"], "unknown device"),
+                      (["evaluate", "--data", str(tmp_path / "file"), "--device", "cuda:7"],
+                       "CUDA" if not torch.cuda.is_available() else "CUDA device(s)")]:
         r = run(*args)
         assert r.returncode != 0
         lines = r.stderr.strip().splitlines()
