@@ -11,6 +11,9 @@ from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = bfloat16 where the CPU has it in hardware "
                   "(2.4-3.5x faster decoding, same BLEU), else float32 (default: auto)")
+VIEWS_HELP = ("average the features of N views of each image: 1 the image, 2 and its mirror image, 6 and its four "
+              "corner crops (the encoder runs N times; for models trained with --flip-augment --crop-augment, "
+              "such as the bundled one; default: 1)")
 from .errors import CaptionerError
 
 
@@ -50,7 +53,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for path in args.images:
         try:
             c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
-                                 length_penalty=args.length_penalty)[0]
+                                 length_penalty=args.length_penalty, views=args.views)[0]
         except ImageError as e:
             failed += 1
             print(f"captioner: error: {e}", file=sys.stderr)
@@ -142,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_device(args.device)
     res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
                    args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet,
-                   precision=args.precision, device=args.device)
+                   precision=args.precision, device=args.device, views=args.views)
     s = res["settings"]
     print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, {s['precision']} decoder weights "
           f"(scores on the 0-100 scale used in papers)")
@@ -161,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encoders import ENCODERS, POOLS
+    from .encoders import ENCODERS, POOLS, VIEWS
     from .train import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="captioner", description="Show and Tell image captioning.")
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    c.add_argument("--views", type=int, choices=VIEWS, default=1, help=VIEWS_HELP)
     c.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help=PRECISION_HELP)
     c.set_defaults(func=cmd_caption)
 
@@ -200,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
     e.add_argument("--workers", type=_nonneg_int, default=2, help="image decoding processes")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    e.add_argument("--views", type=int, choices=VIEWS, default=1, help=VIEWS_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 

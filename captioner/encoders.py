@@ -6,7 +6,7 @@ the image size and normalisation it was trained with, so features and checkpoint
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +67,16 @@ class Preprocess:
         return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("hflip", False)), crop)
 
 
+def test_views(pre: Preprocess, n: int) -> list[Preprocess]:
+    """The views whose features are averaged at test time (--views): 1 the image, 2 and its mirror image,
+    6 and its four corner crops. Models trained with --flip-augment --crop-augment gain from it."""
+    if n not in VIEWS:
+        raise CaptionerError(f"views must be one of {', '.join(map(str, VIEWS))}, not {n}")
+    plain = replace(pre, hflip=False, crop="")
+    return [plain, replace(plain, hflip=True), *(replace(plain, crop=c) for c in CROPS)][:n]
+
+
+VIEWS = (1, 2, 6)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # How the last feature map becomes the decoder's input: "avg" is global average pooling (Show and Tell);
 # "grid" adds the 2x2 quadrants' averages after it, so the vector says where things are (5x the size).

@@ -12,12 +12,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
+from .encoders import test_views
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import Captioner
@@ -45,7 +47,7 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
-             progress: bool = True, precision: str = PRECISION, device: str = "cpu") -> dict:
+             progress: bool = True, precision: str = PRECISION, device: str = "cpu", views: int = 1) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
@@ -55,21 +57,23 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     cap = Captioner.load(model, device=device, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
-    fs = extract_features(cap.encoder, [r.image for r in records], cache_dir, batch_size=4 if device == "cpu" else 64,
-                          workers=workers, progress=progress, device=device,
-                          weights_tag="checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else "")
-    mask = fs.valid_mask()
+    tag = "checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else ""
+    sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, batch_size=4 if device == "cpu" else 64,
+                             workers=workers, progress=progress, device=device, weights_tag=tag, preprocess=pre)
+            for pre in test_views(cap.encoder.preprocess, views)]  # each view cached on its own
+    mask = np.logical_and.reduce([s.valid_mask() for s in sets])
     kept = [r for r, ok in zip(records, mask) if ok]
     if not kept:
         raise CaptionerError("no readable images to evaluate")
-    feats = torch.from_numpy(fs.features[mask].astype("float32"))
+    feats = torch.from_numpy(np.mean([np.asarray(s.features[mask], dtype=np.float32) for s in sets], 0))
     hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
                            "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty, "device": device,
-                           "precision": cap.precision, "images": len(kept), "skipped_images": sorted(fs.bad), "scale": "0-100",
+                           "views": views,
+                           "precision": cap.precision, "images": len(kept), "skipped_images": sorted(set().union(*(s.bad for s in sets))), "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",
                            "seconds": round(time.time() - t0, 1)},
               "notes": notes}

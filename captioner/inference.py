@@ -10,9 +10,9 @@ import torch
 from .checkpoint import first_problem, load_tensors, save_tensors
 from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
-from .encoders import Encoder, Preprocess, create_encoder
+from .encoders import Encoder, Preprocess, create_encoder, test_views
 from .errors import CaptionerError
-from .images import ImageSource
+from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
@@ -165,13 +165,19 @@ class Captioner:
         return cls(*load_model(path), device=device, precision=precision)
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[ImageSource], batch_size: int = 4) -> torch.Tensor:
-        """Pooled features [N, D]; small encoder batches are fastest on CPU."""
+    def encode(self, images: Sequence[ImageSource], batch_size: int = 4, views: int = 1) -> torch.Tensor:
+        """Pooled features [N, D], averaged over `views` (encoders.test_views); small encoder batches are
+        fastest on CPU."""
+        pres = test_views(self.encoder.preprocess, views)
         feats = []
         for i in range(0, len(images), batch_size):
-            x = torch.stack([self.encoder.preprocess(im) for im in images[i:i + batch_size]])
+            if views == 1:
+                x = torch.stack([self.encoder.preprocess(im) for im in images[i:i + batch_size]])
+            else:  # each image read once, then cut into its views
+                imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
+                x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            feats.append(self.encoder(x).float())
+            feats.append(self.encoder(x).float().view(-1, views, self.encoder.dim).mean(1))
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
@@ -191,12 +197,13 @@ class Captioner:
         return out
 
     def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
-                     n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32) -> list[Caption]:
+                     n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32,
+                     views: int = 1) -> list[Caption]:
         """Captions with log-probabilities and n-best alternatives."""
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
-            feats = self.encode(images[i:i + batch_size])
+            feats = self.encode(images[i:i + batch_size], views=views)
             out += self.decode(feats, beam_size, max_len, n_best, length_penalty)
         return out
 
