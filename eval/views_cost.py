@@ -1,0 +1,38 @@
+"""Cost of test-time views: one image captioned with `--views 1, 2, 6` (median of 20 warm runs, one thread).
+
+The views' features are averaged (captioner.encoders.test_views); the encoder runs once per view, the
+decoder once. Baseline: one view, as the demo decodes.
+
+    python eval/views_cost.py [--model CKPT] [--image JPG]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from bench import timed  # eval/bench.py, beside this script
+from captioner.inference import Captioner
+
+PHOTO = next(iter(sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "photos").glob("*.jpg"))), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint (default: the bundled model)")
+    p.add_argument("--image", default=str(PHOTO), help="image (default: the first of ../shared/data/photos)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cap = Captioner.load(args.model)
+    base = None
+    for views in (1, 2, 6):
+        ms = statistics.median(timed(lambda: cap.caption_full([args.image], views=views), 20, warmup=3)) * 1e3
+        base = base or ms
+        text = cap.caption_full([args.image], views=views)[0].text
+        print(f"views {views}: {ms:.1f} ms ({ms / base:.2f}x one view), {cap.precision} decoder weights: \"{text}\"")
+
+
+if __name__ == "__main__":
+    main()
