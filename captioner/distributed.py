@@ -169,11 +169,13 @@ def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def features_on_device(feats: torch.Tensor, device: str, log=print) -> torch.Tensor:
-    """The whole feature table on the GPU when it takes under half the free memory.
+    """The whole feature table on the GPU when it takes under half the free memory; elsewhere unchanged.
 
     Copying each batch from the host left an H100 idle most of a COCO step: 16.2 ms a step against
     10.1 ms with the table on the device (eval/RESULTS.md, "COCO on a GPU").
     """
+    if not device.startswith("cuda"):
+        return feats
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     size = feats.numel() * feats.element_size()
     if size > free // 2:

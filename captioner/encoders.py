@@ -87,9 +87,9 @@ class Encoder(nn.Module):
     """Backbone + pooling (POOLS); `stages` lists its top-level blocks, input to output."""
 
     def __init__(self, name: str, features: nn.Module, stages: list[nn.Module], dim: int, preprocess: Preprocess,
-                 classifier: nn.Module | None = None, pool: str = "avg"):
+                 classifier: nn.Module | None = None):
         super().__init__()
-        self.name, self.channels, self.preprocess, self.pool = name, dim, preprocess, pool
+        self.name, self.channels, self.preprocess, self.pool = name, dim, preprocess, "avg"
         self.features = features
         self.stages = stages  # plain list: the modules are already registered under `features`
         self._classifier = [classifier]  # a list, so its weights stay out of state_dict (lite0 shares them)

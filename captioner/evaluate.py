@@ -58,8 +58,8 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
     tag = "checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else ""
-    sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, batch_size=4 if device == "cpu" else 64,
-                             workers=workers, progress=progress, device=device, weights_tag=tag, preprocess=pre)
+    sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
+                             device=device, weights_tag=tag, preprocess=pre)
             for pre in test_views(cap.encoder.preprocess, views)]  # each view cached on its own
     mask = np.logical_and.reduce([s.valid_mask() for s in sets])
     kept = [r for r, ok in zip(records, mask) if ok]

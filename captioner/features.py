@@ -113,13 +113,15 @@ def _reserve(npy: Path, cache_dir: Path) -> None:
 
 
 def extract_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | Path | None = None,
-                     batch_size: int = 4, workers: int = 2, progress: bool = True, weights_tag: str = "",
+                     batch_size: int | None = None, workers: int = 2, progress: bool = True, weights_tag: str = "",
                      device: str = "cpu", preprocess: Preprocess | None = None) -> FeatureSet:
     """Pooled encoder features for `paths`, from the cache when it is complete, else computed (resuming).
 
     `preprocess` picks another view of the images than the encoder's own (a mirrored or cropped one).
-    Small batches are fastest on CPU (cache-resident activations): batch 4 gave 170 img/s, 32 gave 42.
+    Small batches are fastest on CPU (cache-resident activations): batch 4 gave 170 img/s, 32 gave 42; a GPU
+    gets 64 unless told.
     """
+    batch_size = batch_size or (4 if device == "cpu" else 64)
     preprocess = preprocess or encoder.preprocess
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     try:

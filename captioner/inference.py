@@ -168,14 +168,11 @@ class Captioner:
     def encode(self, images: Sequence[ImageSource], batch_size: int = 4, views: int = 1) -> torch.Tensor:
         """Pooled features [N, D], averaged over `views` (encoders.test_views); small encoder batches are
         fastest on CPU."""
-        pres = test_views(self.encoder.preprocess, views)
+        pres = [self.encoder.preprocess] if views == 1 else test_views(self.encoder.preprocess, views)
         feats = []
-        for i in range(0, len(images), batch_size):
-            if views == 1:
-                x = torch.stack([self.encoder.preprocess(im) for im in images[i:i + batch_size]])
-            else:  # each image read once, then cut into its views
-                imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
-                x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
+        for i in range(0, len(images), batch_size):  # each image read once, then cut into its views
+            imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
+            x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             feats.append(self.encoder(x).float().view(-1, views, self.encoder.dim).mean(1))
         return torch.cat(feats)

@@ -48,14 +48,14 @@ def limit_onednn_cache() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
-def trim_due(step: int) -> bool:
-    return TRIM_EVERY > 0 and step % TRIM_EVERY == 0
+def trim_due(step: int, every: int | None = None) -> bool:
+    every = TRIM_EVERY if every is None else every
+    return every > 0 and step % every == 0
 
 
 def trim_if_due(count: int, every: int | None = None) -> bool:
     """`trim_heap` on every `every`-th call count (default TRIM_EVERY steps). True when it ran."""
-    due = trim_due(count) if every is None else every > 0 and count % every == 0
-    return due and trim_heap()
+    return trim_due(count, every) and trim_heap()
 
 
 def trim_heap() -> bool:

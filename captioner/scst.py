@@ -214,8 +214,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
                           progress=progress)
     valid = fs.valid_mask()
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
-    if cfg.device.startswith("cuda"):
-        feats = features_on_device(feats, cfg.device)
+    feats = features_on_device(feats, cfg.device)
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
     if cfg.dev_images:
         dev_rows = dev_rows[: cfg.dev_images]
-    if cfg.device.startswith("cuda") and not fine_tune:
+    if not fine_tune:  # fine-tuning refreshes dev rows from the encoder on the host
         feats = features_on_device(feats, cfg.device, log)
 
     # Caption-level training items: (feature row, token ids); empty captions skipped, long ones cut.

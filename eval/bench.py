@@ -77,6 +77,10 @@ def find_model(arg: str | None) -> Path:
     sys.exit("bench: no model found; pass --model CKPT")
 
 
+# The first of the full-size photos: the 'uploaded' image of section 4 and of the other cost scripts.
+PHOTO = next(iter(sorted((ROOT.parent / "shared" / "data" / "photos").glob("*.jpg"))), None)
+
+
 def timed(fn, n: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -86,6 +90,10 @@ def timed(fn, n: int, warmup: int = 1) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    return statistics.median(timed(fn, reps, warmup=warmup)) * 1e3
 
 
 class Data:
@@ -406,8 +414,7 @@ def main() -> int:
             notes.append(f"[3b] {r['bf16_same']}/{r['n_batched']} captions identical to float32 batched decoding "
                          f"(bfloat16 rounds the products; BLEU is compared in eval/RESULTS.md).")
     if 4 in only:
-        photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "photos" / "*.jpg")))
-        image = Path(args.image or (photos[0] if photos else d.dev[0].image))
+        image = Path(args.image or PHOTO or d.dev[0].image)
         r = bench_demo(model_path, image, 15 if q else 30)
         ratio = r["demo"] / r["bare"]
         add(4, "one uploaded image, demo path, beam 3 (median)", f"{r['demo'] * 1e3:.1f} ms",

@@ -102,7 +102,7 @@ def section_epoch(args, caps: list[list[int]]) -> None:
         amp, scaler = autocast(dev, amp_on)
         return model, params, optim, amp, scaler
 
-    def run(amp_on: bool, n_steps: int, limit_s: float, image_batch=None, resident=None,
+    def run(amp_on: bool, n_steps: int, limit_s: float, image_batch=None, table: torch.Tensor = feats,
             profile: int = 0) -> tuple[int, float]:
         model, params, optim, amp, scaler = make(amp_on)
         order = torch.randperm(n_caps, generator=torch.Generator().manual_seed(1)).tolist()
@@ -113,10 +113,8 @@ def section_epoch(args, caps: list[list[int]]) -> None:
             with amp:
                 if image_batch is not None:
                     f = image_batch(len(idx))
-                elif resident is not None:  # the whole feature table already on the device
-                    f = to_device(resident[[rows_of[i] for i in idx]], dev)
-                else:
-                    f = to_device(feats[[rows_of[i] for i in idx]], dev)
+                else:  # from the host table, or from one already on the device
+                    f = to_device(table[[rows_of[i] for i in idx]], dev)
                 loss = model.loss(f, to_device(c, dev), lens)
             optimizer_step(loss, optim, params, scaler, RECIPE["grad_clip"])
             loss.item()  # train() reads the loss every step
@@ -147,8 +145,8 @@ def section_epoch(args, caps: list[list[int]]) -> None:
     n32, s32 = run(False, min(steps, args.base_steps), args.epoch_limit)
     print(f"   fp32 baseline, {n32:,} steps: {s32 / n32 * 1e3:.2f} ms a step -> {s32 * steps / n32:.1f} s an epoch; "
           f"bf16 is {(s32 / n32) / (s / n):.2f}x fp32", flush=True)
-    resident = features_on_device(feats, dev) if dev.startswith("cuda") else feats
-    nr, sr = run(True, min(steps, args.base_steps), args.epoch_limit, resident=resident)
+    resident = features_on_device(feats, dev)
+    nr, sr = run(True, min(steps, args.base_steps), args.epoch_limit, table=resident)
     print(f"   features kept on the device (train() does so on CUDA), {nr:,} steps: {sr / nr * 1e3:.2f} ms a step -> {sr * steps / nr:.1f} s an "
           f"epoch; {(s / n) / (sr / nr):.2f}x the recipe's step", flush=True)
     del resident
@@ -176,7 +174,7 @@ def section_features(args, images: list[Path]) -> torch.Tensor:
         for p in images:
             q = tmp / "img" / f"{k:03d}_{p.name}"
             q.parent.mkdir(exist_ok=True)
-            os.link(p, q) if k else q.symlink_to(p.resolve())
+            q.symlink_to(p.resolve())
             paths.append(q)
     print(f"\n2. feature extraction: {len(paths):,} COCO JPEGs ({len(images)} distinct, "
           f"{statistics.mean(p.stat().st_size for p in images) / 1e3:.0f} kB on average)", flush=True)

@@ -11,22 +11,13 @@ then the same model with bfloat16 decoder weights (`--precision bfloat16`).
 from __future__ import annotations
 
 import argparse
-import statistics
-from pathlib import Path
 
 import torch
 
-from bench import timed  # eval/bench.py, beside this script
+from bench import PHOTO, median_ms  # eval/bench.py, beside this script
 from captioner.decoding import _step, _step_weights, set_precision
 from captioner.inference import Captioner
 from captioner.model import Ensemble
-
-PHOTO = next(iter(sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "photos").glob("*.jpg"))), None)
-
-
-def median_ms(fn, reps: int) -> float:
-    return statistics.median(timed(fn, reps, warmup=3)) * 1e3
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -8,15 +8,11 @@ decoder once. Baseline: one view, as the demo decodes.
 from __future__ import annotations
 
 import argparse
-import statistics
-from pathlib import Path
 
 import torch
 
-from bench import timed  # eval/bench.py, beside this script
+from bench import PHOTO, median_ms  # eval/bench.py, beside this script
 from captioner.inference import Captioner
-
-PHOTO = next(iter(sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "photos").glob("*.jpg"))), None)
 
 
 def main() -> None:
@@ -28,7 +24,7 @@ def main() -> None:
     cap = Captioner.load(args.model)
     base = None
     for views in (1, 2, 6):
-        ms = statistics.median(timed(lambda: cap.caption_full([args.image], views=views), 20, warmup=3)) * 1e3
+        ms = median_ms(lambda: cap.caption_full([args.image], views=views), 20)
         base = base or ms
         text = cap.caption_full([args.image], views=views)[0].text
         print(f"views {views}: {ms:.1f} ms ({ms / base:.2f}x one view), {cap.precision} decoder weights: \"{text}\"")
