@@ -199,6 +199,15 @@ def test_bad_settings_give_a_message(client, photo):
         caption(client, photo, "Telepathy", 3, 20, 3, 1.0)
 
 
+def test_views_setting_averages_views_and_is_checked(client, cap, photo):
+    """The page's Views setting is `captioner caption --views N`; other values are refused with a message."""
+    text, alts, details = caption(client, photo, "Beam search", 3, 20, 3, 1.0, 6)
+    assert details.endswith("beam search (beam 3) · 6 views")
+    assert [row[0] for row in alts["data"]] == [t for t, _ in cap.caption_full([photo], n_best=3, views=6)[0].alternatives]
+    with pytest.raises(AppError, match="views must be one of 1, 2, 6, got 4"):
+        caption(client, photo, "Beam search", 3, 20, 3, 1.0, 4)
+
+
 def test_batch_table_csv_and_json(client, photo, tmp_path):
     bad = make_bad("not_image", tmp_path, photo)
     table, files, summary = client.predict([handle_file(str(photo)), handle_file(str(bad))],
