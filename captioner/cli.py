@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size for the encoder (default 0: its own, 224 for efficientnet_lite0)")
     t.add_argument("--pool", choices=list(POOLS), default=d.pool,
                    help="avg: the feature map's global average (Show and Tell); grid: that, then its 2x2 quadrants' "
-                        "averages (5x the features)")
+                        "averages (5x the features); regions: the average, then a 3x3 grid of region averages that "
+                        "the decoder attends over at every word (10x the features)")
     t.add_argument("--flip-augment", action="store_true",
                    help="also cache mirrored images' features and train on either view at random (extraction 2x)")
     t.add_argument("--crop-augment", action="store_true",
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-dim", type=_positive_int, default=d.hidden_dim)
     t.add_argument("--num-layers", type=_positive_int, default=d.num_layers)
     t.add_argument("--dropout", type=float, default=d.dropout)
+    t.add_argument("--att-dropout", type=float, default=d.att_dropout,
+                   help="dropout on the region vectors the decoder attends over (--pool regions)")
     t.add_argument("--min-count", type=_positive_int, default=d.min_count, help="words seen fewer times become <unk>")
     t.add_argument("--max-len", type=_positive_int, default=d.max_len, help="captions are cut to this many words")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)

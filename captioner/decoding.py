@@ -78,7 +78,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     lstm = model.lstm
     if lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)
-    h, c = state
+    h, c = state[:2]
     full = _decode_dtype(model) == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
@@ -96,11 +96,13 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
                                                            ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
         hs.append(x)
         cs.append(c_l)
+    if model.cfg.regions:
+        x = model.attend(x, state[2])
     if full:
         logits = torch.addmm(model.out.bias, x, w_out.t())
     else:
         logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias
-    return torch.log_softmax(logits, dim=-1), (torch.stack(hs), torch.stack(cs))
+    return torch.log_softmax(logits, dim=-1), (torch.stack(hs), torch.stack(cs), *state[2:])
 
 
 def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:
@@ -136,7 +138,7 @@ def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: i
             break
         keep = (~ended).to(tokens.device)
         live, tokens = live[~ended], tokens[keep]
-        state = (state[0][:, keep], state[1][:, keep])
+        state = tuple(s[:, keep] for s in state)
     hyps = []
     for b in range(B):
         toks = out[b, : lengths[b]].tolist()
@@ -159,8 +161,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
     """
     B, K, V = features.shape[0], beam_size, len(vocab)
     dev = features.device
-    h, c = model.init_state(features)
-    state = (h.repeat_interleave(K, dim=1), c.repeat_interleave(K, dim=1))
+    state = model.init_state(features)  # (h, c) get K rows per image; a region memory stays one per image
+    state = (*(s.repeat_interleave(K, dim=1) for s in state[:2]), *state[2:])
     scores = torch.full((B, K), -float("inf"), dtype=torch.float64, device=dev)
     scores[:, 0] = 0.0  # only one live beam at the start
     tokens = torch.full((B * K,), vocab.start_id, dtype=torch.long, device=dev)
@@ -195,7 +197,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
         if not bool(still.any()):
             break
         rows = flat.view(L, K)[still].view(-1)  # drop the rows of images whose beams have all ended
-        state = (state[0][:, rows], state[1][:, rows])
+        memory = state[2:] if len(rows) == L * K else tuple(m[:, still] for m in state[2:])  # images that go on
+        state = (state[0][:, rows], state[1][:, rows], *memory)
         tokens = word[still].view(-1)
         live = live[still]
     ranked = _normalise(scores, lengths, length_penalty)

@@ -79,8 +79,25 @@ def test_views(pre: Preprocess, n: int) -> list[Preprocess]:
 VIEWS = (1, 2, 6)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # How the last feature map becomes the decoder's input: "avg" is global average pooling (Show and Tell);
-# "grid" adds the 2x2 quadrants' averages after it, so the vector says where things are (5x the size).
-POOLS = {"avg": 1, "grid": 5}
+# "grid" adds the 2x2 quadrants' averages after it, so the vector says where things are (5x the size);
+# "regions" adds a GRIDxGRID map of region averages after it, which the decoder attends over (model.py).
+GRID = 3
+POOLS = {"avg": 1, "grid": 5, "regions": 1 + GRID * GRID}
+
+
+def attended_regions(pool: str) -> int:
+    """How many region vectors the decoder attends over for features pooled this way."""
+    return POOLS[pool] - 1 if pool == "regions" else 0
+
+
+def align_view(features: torch.Tensor, pool: str, pre: Preprocess) -> torch.Tensor:
+    """A mirrored view's features with its region grid mirrored back, so that averaging views averages
+    each region with itself (--views); other pools and views are returned as they are."""
+    if pool != "regions" or not pre.hflip:
+        return features
+    lead = features.shape[:-1]
+    regions = features[..., features.shape[-1] // POOLS[pool]:].unflatten(-1, (GRID, GRID, -1))
+    return torch.cat([features[..., : features.shape[-1] // POOLS[pool]], regions.flip(-2).reshape(*lead, -1)], -1)
 
 
 class Encoder(nn.Module):
@@ -104,9 +121,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.feature_map(x)
         pooled = fmap.mean((2, 3))
-        if self.pool == "grid":  # [global | top-left | top-right | bottom-left | bottom-right]
-            quads = F.adaptive_avg_pool2d(fmap, 2).flatten(2).transpose(1, 2).flatten(1)
-            return torch.cat([pooled, quads], 1)
+        if self.pool in ("grid", "regions"):  # [global | row-major cells]: grid's 2x2 quadrants, or GRIDxGRID
+            cells = F.adaptive_avg_pool2d(fmap, 2 if self.pool == "grid" else GRID).flatten(2).transpose(1, 2).flatten(1)
+            return torch.cat([pooled, cells], 1)
         return pooled
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
-from .encoders import test_views
+from .encoders import align_view, test_views
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import Captioner
@@ -58,14 +58,16 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
     tag = "checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else ""
+    pres = test_views(cap.encoder.preprocess, views)
     sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
                              device=device, weights_tag=tag, preprocess=pre)
-            for pre in test_views(cap.encoder.preprocess, views)]  # each view cached on its own
+            for pre in pres]  # each view cached on its own
     mask = np.logical_and.reduce([s.valid_mask() for s in sets])
     kept = [r for r, ok in zip(records, mask) if ok]
     if not kept:
         raise CaptionerError("no readable images to evaluate")
-    feats = torch.from_numpy(np.mean([np.asarray(s.features[mask], dtype=np.float32) for s in sets], 0))
+    feats = torch.stack([align_view(torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)), cap.encoder.pool, p)
+                         for s, p in zip(sets, pres)]).mean(0)
     hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import first_problem, load_tensors, save_tensors
 from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
-from .encoders import Encoder, Preprocess, create_encoder, test_views
+from .encoders import Encoder, Preprocess, align_view, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
@@ -174,7 +174,8 @@ class Captioner:
             imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
             x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            feats.append(self.encoder(x).float().view(-1, views, self.encoder.dim).mean(1))
+            f = self.encoder(x).float().view(-1, views, self.encoder.dim)
+            feats.append(torch.stack([align_view(f[:, v], self.encoder.pool, p) for v, p in enumerate(pres)], 1).mean(1))
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,

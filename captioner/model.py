@@ -3,6 +3,10 @@
 The image embedding is the LSTM's first input only (x_{-1} = W_i CNN(I)); then each word is embedded
 and fed in turn (teacher forcing), and a linear layer over the LSTM state scores the next word.
 Loss is cross-entropy over real tokens only: outputs are packed, so padding costs neither compute nor loss.
+
+With `regions` > 0 (encoder pool "regions") the features also hold a grid of region vectors, and each
+output attends over them before scoring words (Luong et al. 2015's attention on top of the LSTM output):
+the LSTM still runs over the whole sentence in one call, so training costs about what it did.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-State = tuple[torch.Tensor, torch.Tensor]
+State = tuple[torch.Tensor, ...]  # (h, c) or, with regions, (h, c, memory)
 ROWS = 256
 
 
@@ -26,6 +30,9 @@ class DecoderConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.5
+    regions: int = 0  # region vectors after the global one in each feature row (0: no attention)
+    att_dim: int = 256
+    att_dropout: float = 0.5  # on the region vectors themselves: attention learns the training images fast
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,15 +47,43 @@ class ShowAndTell(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_embed = nn.Linear(cfg.feature_dim, cfg.embed_dim)
+        if cfg.regions < 0 or cfg.att_dim < 1 or not 0 <= cfg.att_dropout < 1:
+            raise ValueError(f"bad attention settings: regions {cfg.regions}, att_dim {cfg.att_dim}, "
+                             f"att_dropout {cfg.att_dropout}")
+        channels = cfg.feature_dim // (cfg.regions + 1)
+        if channels * (cfg.regions + 1) != cfg.feature_dim:
+            raise ValueError(f"{cfg.feature_dim}-d features do not split into {cfg.regions + 1} equal vectors")
+        self.image_embed = nn.Linear(channels, cfg.embed_dim)
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        if cfg.regions:
+            self.att_key = nn.Linear(channels, cfg.att_dim)
+            self.att_value = nn.Linear(channels, cfg.att_dim)
+            self.att_query = nn.Linear(cfg.hidden_dim, cfg.att_dim, bias=False)
+            self.att_out = nn.Linear(cfg.att_dim, cfg.hidden_dim, bias=False)
 
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.image_embed(features))
+        return self.dropout(self.image_embed(features[:, : self.image_embed.in_features]))
+
+    def memory(self, features: torch.Tensor) -> torch.Tensor:
+        """The image's regions as keys and values in the hidden state's space, [R, B, 2H] (rows on axis 1, as
+        in the LSTM state). The query and output projections are folded into them, once per image:
+        (W_q h).k = h.(W_q^T k) and W_o(sum a v) = sum a W_o v, so a decoding step only takes dot products."""
+        regions = features[:, self.image_embed.in_features:].unflatten(1, (self.cfg.regions, -1)).transpose(0, 1)
+        regions = F.dropout(regions, self.cfg.att_dropout, self.training)
+        keys = self.att_key(regions) @ self.att_query.weight / math.sqrt(self.cfg.att_dim)
+        return torch.cat([keys, self.att_out(self.dropout(self.att_value(regions)))], -1)
+
+    def attend(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """hidden plus what it reads from its image's regions. memory [R, M, 2H] holds M images; hidden's
+        rows are theirs in order, the same number each ([M, T, H] in training, [M*K, H] for K beams)."""
+        keys, values = memory.transpose(0, 1).chunk(2, -1)  # [M, R, H] each
+        h = hidden.reshape(keys.shape[0], -1, hidden.shape[-1])
+        weights = torch.softmax(h @ keys.transpose(1, 2), -1)
+        return hidden + (weights @ values).view_as(hidden)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets for every real next-token position, packed (no padding).
@@ -62,7 +97,10 @@ class ShowAndTell(nn.Module):
         out, _ = self.lstm(packed)
         # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
         hidden, _ = pad_packed_sequence(out, batch_first=True)
-        hidden = pack_padded_sequence(hidden[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
+        hidden = hidden[:, 1:]
+        if self.cfg.regions:
+            hidden = self.attend(hidden, self.memory(features))
+        hidden = pack_padded_sequence(hidden, lengths - 1, batch_first=True, enforce_sorted=False).data
         targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         # Round the token count up to a multiple of ROWS: with --amp every new shape makes oneDNN build and
         # keep another bf16 matmul, and the process grew to 2.6 GB in an epoch (2.1-2.2 GB so; eval/RESULTS.md).
@@ -76,14 +114,19 @@ class ShowAndTell(nn.Module):
 
     # --- step-by-step interface used by greedy and beam search ---
     def init_state(self, features: torch.Tensor) -> State:
-        """LSTM state after reading the image (the paper's x_{-1} step)."""
+        """LSTM state after reading the image (the paper's x_{-1} step); with regions, their memory follows
+        (h, c), one row per image (beam search gives each image K rows of h and c, but one of memory)."""
         _, state = self.lstm(self.embed_image(features).unsqueeze(1))
-        return state
+        return (*state, self.memory(features)) if self.cfg.regions else state
+
+    def readout(self, hidden: torch.Tensor, state: State) -> torch.Tensor:
+        """Next-word logits from the top layer's output [N, H]."""
+        return self.out(self.attend(hidden, state[2]) if self.cfg.regions else hidden)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the next word for each sequence, given its last token."""
-        out, state = self.lstm(self.word_embed(tokens).unsqueeze(1), state)
-        return F.log_softmax(self.out(out.squeeze(1)), dim=-1), state
+        out, (h, c) = self.lstm(self.word_embed(tokens).unsqueeze(1), state[:2])
+        return F.log_softmax(self.readout(out.squeeze(1), state), dim=-1), (h, c, *state[2:])
 
 
 class Ensemble(nn.Module):
@@ -101,6 +144,8 @@ class Ensemble(nn.Module):
             if (m.cfg.vocab_size, m.cfg.feature_dim, m.cfg.hidden_dim) != (first.vocab_size, first.feature_dim,
                                                                            first.hidden_dim):
                 raise ValueError("ensemble members must share vocabulary, feature and hidden sizes")
+        if any(m.cfg.regions for m in members):
+            raise ValueError("decoders that attend to regions cannot form an ensemble")
         self.members = nn.ModuleList(members)
         self.cfg = first
 

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, bfloat16_is_native, set_precision  # noqa: E402
-from captioner.encoders import create_encoder  # noqa: E402
+from captioner.encoders import attended_regions, create_encoder  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, Captioner, load_model  # noqa: E402
@@ -143,7 +143,7 @@ def collate(batch):
 def bench_training(d: Data, encoder, n_cached: int, n_online: int) -> dict:
     """Mean seconds per batch of each way, timed in alternation (so a change in the machine's load hits both)."""
     torch.manual_seed(0)
-    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim)).train()
+    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim, regions=attended_regions(encoder.pool))).train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = torch.randperm(len(d.items), generator=torch.Generator().manual_seed(0)).tolist()
     steps = math.ceil(len(d.items) / BATCH)
@@ -196,7 +196,7 @@ def bench_training(d: Data, encoder, n_cached: int, n_online: int) -> dict:
 def bench_amp(d: Data, encoder, n: int) -> dict:
     """The cached-feature training step under bf16 autocast (TrainConfig.amp on CPU) vs fp32, alternating."""
     torch.manual_seed(0)
-    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim)).train()
+    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim, regions=attended_regions(encoder.pool))).train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = torch.randperm(len(d.items), generator=torch.Generator().manual_seed(1)).tolist()
     batches = iter(range(10**9))
@@ -369,7 +369,8 @@ def main() -> int:
         notes.append(f"[5] `{r['cmd']}` (warm feature cache; exit {r['rc']} and {b['rc']}). Max RSS of each "
                      f"child from os.wait4, run first, while this process was small ({r['parent_gb']:.2f} GB): a "
                      f"child's max RSS includes the parent's pages it was forked with. Last line: {r['tail']}")
-    encoder = create_encoder()
+    from captioner.checkpoint import load_tensors
+    encoder = create_encoder(pool=load_tensors(model_path)[1]["encoder"].get("pool", "avg"))  # the model's features
     d = Data(args.data, encoder) if only & {1, 2, 3, 4, 6} else None
     if d:
         print(f"{len(d.train)} train images ({len(d.items)} captions), {len(d.dev)} dev; feature cache read "

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY
+from captioner.encoders import VIEWS
+from captioner.errors import CaptionerError
 from captioner.evaluate import METRIC_ORDER, evaluate
 from captioner.inference import save_ensemble
 
@@ -27,9 +29,11 @@ def main() -> None:
     p.add_argument("--split", default="dev")
     p.add_argument("--beam-size", type=int, default=BEAM_SIZE)
     p.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY)
+    p.add_argument("--views", type=int, choices=VIEWS, default=1, help="views averaged per image (as captioner evaluate)")
+    p.add_argument("--no-pairs", action="store_true", help="score the checkpoints alone only")
     args = p.parse_args()
     score = lambda model: evaluate(model, args.data, args.split, args.beam_size, length_penalty=args.length_penalty,
-                                   progress=False)["metrics"]
+                                   progress=False, views=args.views)["metrics"]
     names = [Path(c).stem if Path(c).is_file() else Path(c).name for c in args.checkpoints]
     lines = ["| model | " + " | ".join(METRIC_ORDER) + " |", "| --- " * (1 + len(METRIC_ORDER)) + "|"]
     groups: dict[str, list[dict]] = {"single": [], "pair": []}
@@ -40,8 +44,14 @@ def main() -> None:
         print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for (na, a), (nb, b) in itertools.combinations(zip(names, args.checkpoints), 2):
+            if args.no_pairs:
+                break
             path = Path(tmp) / f"{na}+{nb}.safetensors"
-            save_ensemble(path, [a, b], half=True)
+            try:
+                save_ensemble(path, [a, b], half=True)
+            except CaptionerError as e:  # decoders that attend to regions do not form ensembles
+                print(f"no ensembles: {e}", flush=True)
+                break
             m = score(path)
             groups["pair"].append(m)
             lines.append(_row(f"ensemble {na} + {nb}", m))
@@ -51,7 +61,7 @@ def main() -> None:
             cells = [f"{statistics.mean(x[k] for x in ms):.2f} ± {statistics.stdev(x[k] for x in ms):.2f}"
                      for k in METRIC_ORDER]
             lines.append(f"| **{kind}: mean ± sd over {len(ms)}** | " + " | ".join(cells) + " |")
-    print(f"\n{args.split} split, beam {args.beam_size}, length penalty {args.length_penalty}:\n")
+    print(f"\n{args.split} split, beam {args.beam_size}, length penalty {args.length_penalty}, {args.views} view(s):\n")
     print("\n".join(lines))
 
 

@@ -362,6 +362,8 @@ def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
     ("vocab larger than weights", "weights do not match the config (size mismatch for word_embed.weight"),
     ("vocab size differs from config", "decoder expects 13 words but the vocabulary has 14"),
     ("no vocabulary", "checkpoint metadata is incomplete or malformed"),
+    ("negative regions", "checkpoint metadata is incomplete or malformed (ValueError: bad attention settings"),
+    ("regions that do not divide the features", "1280-d features do not split into 7 equal vectors"),
 ])
 def test_inconsistent_checkpoint_metadata(capfd, tiny, tiny_run, tmp_path, monkeypatch, case, needle):
     def edit(t, m):
@@ -374,6 +376,10 @@ def test_inconsistent_checkpoint_metadata(capfd, tiny, tiny_run, tmp_path, monke
         elif case == "vocab larger than weights":
             m["vocab"].append("zebra")
             m["decoder"]["vocab_size"] += 1
+        elif case == "negative regions":
+            m["decoder"]["regions"] = -1
+        elif case == "regions that do not divide the features":
+            m["decoder"]["regions"] = 6
         elif case == "vocab size differs from config":
             m["vocab"].append("zebra")
         else:

@@ -90,3 +90,52 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
     st = m64.init_state(torch.randn(6, 12, dtype=torch.float64))
     with torch.inference_mode():
         torch.testing.assert_close(_step(m64, tokens, st)[0], m64.step(tokens, st)[0])
+
+
+def _attending(layers: int = 1, regions: int = 4, channels: int = 6) -> ShowAndTell:
+    torch.manual_seed(0)
+    return ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
+                                     regions=regions, att_dim=5)).eval()
+
+
+def test_attention_step_by_step_equals_the_teacher_forced_pass():
+    """The decoding step (model.step and the fast decoding._step) reads the regions exactly as the
+    training pass does, and the regions matter: other regions, other words' scores."""
+    from captioner.decoding import _step
+    for layers in (1, 2):
+        m = _attending(layers)
+        feats = torch.randn(3, 30)
+        caps = torch.randint(4, 30, (3, 7))
+        caps[:, 0] = Vocabulary.build([], 1).start_id
+        lens = torch.tensor([7, 5, 6])
+        with torch.inference_mode():
+            logits, _ = m(feats, caps, lens)
+            for step in (m.step, lambda t, s: _step(m, t, s)):
+                state, rows = m.init_state(feats), []
+                assert len(state) == 3 and state[2].shape == (4, 3, 32)
+                for t in range(6):
+                    logp, state = step(caps[:, t], state)
+                    rows.append(logp)
+                order = lens.argsort(descending=True)  # packed: time-major, longest caption first
+                steps, left = torch.stack(rows, 1)[order], lens[order] - 1
+                packed = torch.cat([steps[left > t, t] for t in range(6)])
+                torch.testing.assert_close(packed, torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)
+            other = feats.clone()
+            other[:, 6:] = torch.randn(3, 24)  # the same global vector, other regions
+            assert not torch.allclose(m(other, caps, lens)[0], logits, atol=1e-3)
+
+
+def test_attention_beam_search_equals_reference_and_refuses_ensembles():
+    from captioner.decoding import beam_search_reference
+    from captioner.model import Ensemble
+    m = _attending()
+    vocab = Vocabulary([*Vocabulary.SPECIALS, *(f"w{i}" for i in range(30 - len(Vocabulary.SPECIALS)))])
+    feats = torch.randn(4, 30) * 3
+    for k in (1, 3):
+        fast = beam_search(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
+        ref = beam_search_reference(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
+        assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in ref]
+    assert [h.tokens for h in greedy(m, feats, vocab, 8)] == [hs[0].tokens for hs in beam_search(m, feats, vocab, 1, 8)]
+    import pytest
+    with pytest.raises(ValueError, match="regions"):
+        Ensemble([m, _attending()])

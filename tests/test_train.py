@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from captioner.checkpoint import load_tensors
 from captioner.errors import CaptionerError
@@ -281,3 +282,32 @@ def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data
     assert cap.caption(sorted(tiny_data.glob("img*.jpg"))[:2])
     with pytest.raises(CaptionerError, match="pooling"):
         train(_cfg(tiny_data, tmp_path / "bad", pool="max"), progress=False)
+
+
+def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tmp_path):
+    from dataclasses import replace
+    import torch.nn.functional as F
+    from captioner.encoders import align_view, create_encoder
+    enc = create_encoder(pool="regions")
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        g, fmap = enc(x), enc.feature_map(x)
+    assert enc.dim == 10 * 1280 and g.shape == (2, 12800)
+    assert torch.allclose(g[:, :1280], fmap.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(g[:, 1280:].view(2, 3, 3, 1280), F.adaptive_avg_pool2d(fmap, 3).permute(0, 2, 3, 1), atol=1e-5)
+    # A mirrored view's grid comes back in place: cell (row, col) from (row, 2 - col); the global part stays.
+    cells = torch.arange(10.0).repeat_interleave(4).view(1, 40)
+    back = align_view(cells, "regions", replace(enc.preprocess, hflip=True)).view(10, 4)[:, 0]
+    assert back.tolist() == [0, 3, 2, 1, 6, 5, 4, 9, 8, 7]
+    assert torch.equal(align_view(cells, "regions", enc.preprocess), cells)
+    assert torch.equal(align_view(cells, "grid", replace(enc.preprocess, hflip=True)), cells)
+
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="regions", flip_augment=True), progress=False)
+    cap = Captioner.load(tmp_path / "run")
+    assert cap.encoder.pool == "regions" and cap.decoder.cfg.regions == 9 and cap.decoder.cfg.feature_dim == 12800
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:3]
+    plain, mirror = cap.encode(imgs), cap.encode([ImageOps.mirror(Image.open(p).convert("RGB")) for p in imgs])
+    both = cap.encode(imgs, views=2)
+    torch.testing.assert_close(both, (plain + align_view(mirror, "regions", replace(enc.preprocess, hflip=True))) / 2,
+                               rtol=1e-4, atol=1e-4)
+    assert all(cap.caption(imgs)) and all(c.text for c in cap.caption_full(imgs, views=2))
