@@ -3,8 +3,9 @@
 Kept apart from decoding.py so that the CLI can show them in --help without importing torch.
 Chosen on Flickr8k dev with the previous bundled model (a 512-unit ensemble) at beam 3: length penalty
 0.5 gave BLEU-4 19.06, METEOR 18.08, CIDEr 41.24 against 18.65 / 17.84 / 40.52 at 0; with the 1024-unit
-one after it, 19.60 / 18.84 / 44.97 against 19.65 / 18.55 / 44.26; with the current one (trained on six
-views), 19.73 / 18.72 / 44.74 against 19.59 / 18.50 / 43.86 (eval/RESULTS.md). The functions in
+one after it, 19.60 / 18.84 / 44.97 against 19.65 / 18.55 / 44.26; with the one trained on six views,
+19.73 / 18.72 / 44.74 against 19.59 / 18.50 / 43.86; with the current one (attention over regions),
+20.97 / 19.55 / 50.15 against 20.81 / 19.35 / 49.62 (eval/RESULTS.md). The functions in
 decoding.py keep 0 (raw log-probability, as the paper) as their own default.
 """
 BEAM_SIZE = 3

@@ -24,7 +24,7 @@ from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
 from .encoders import CROPS, DEFAULT_ENCODER, Encoder, attended_regions, create_encoder
 from .errors import CaptionerError
-from .features import FeatureSet, extract_features
+from .features import FeatureRows, FeatureSet, extract_features
 from .inference import save_model
 from .memory import trim_if_due
 from .metrics import bleu
@@ -306,11 +306,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         lines = [f"{len(fs.bad)} images could not be read and were skipped:"] + [f"{p}\t{m}" for p, m in fs.bad.items()]
         atomic_write_text(out / "bad_images.txt", "\n".join(lines) + "\n")
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
-    # View v's rows start at v * len(paths); an image unreadable in any view is left out of all. The table
-    # stays float16 as cached (half the memory: 1.1 GB for six views of --pool regions) and batches are
-    # widened as they are used; fine-tuning rewrites its dev rows, so it keeps float32.
-    dtype = np.float32 if fine_tune else np.float16
-    feats = torch.from_numpy(np.concatenate([np.asarray(v.features, dtype=dtype) for v in (fs, *others)]))
+    # View v's rows start at v * len(paths); an image unreadable in any view is left out of all. Rows stay
+    # float16 as cached, widened batch by batch. On the CPU they are read from the cache files as needed
+    # (FeatureRows); a GPU gets the whole table; fine-tuning rewrites its dev rows, so it keeps a float32 one.
+    if fine_tune or cfg.device != "cpu":
+        dtype = np.float32 if fine_tune else np.float16
+        feats = torch.from_numpy(np.concatenate([np.asarray(v.features, dtype=dtype) for v in (fs, *others)]))
+    else:
+        feats = FeatureRows([fs, *others])
     valid = np.logical_and.reduce([v.valid_mask() for v in (fs, *others)])
     n_train = len(train_recs)
     train_rows = [i for i in range(n_train) if valid[i]]

@@ -311,3 +311,20 @@ def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tm
     torch.testing.assert_close(both, (plain + align_view(mirror, "regions", replace(enc.preprocess, hflip=True))) / 2,
                                rtol=1e-4, atol=1e-4)
     assert all(cap.caption(imgs)) and all(c.text for c in cap.caption_full(imgs, views=2))
+
+
+def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
+    """What CPU training indexes (FeatureRows, read from the cache files) is the concatenated table."""
+    from dataclasses import replace
+    import numpy as np
+    from captioner.encoders import create_encoder
+    from captioner.features import FeatureRows, extract_features
+    enc = create_encoder()
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:5]
+    sets = [extract_features(enc, imgs, tmp_path, workers=0, progress=False, preprocess=p)
+            for p in (enc.preprocess, replace(enc.preprocess, hflip=True))]
+    table = np.concatenate([np.asarray(s.features) for s in sets])
+    rows = FeatureRows(sets)
+    picked = [9, 0, 4, 5, 5, 7]
+    assert len(rows) == 10 and torch.equal(rows[picked], torch.from_numpy(table[picked]))
+    rows.close()
