@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -95,9 +95,14 @@ def align_view(features: torch.Tensor, pool: str, pre: Preprocess) -> torch.Tens
     each region with itself (--views); other pools and views are returned as they are."""
     if pool != "regions" or not pre.hflip:
         return features
-    lead = features.shape[:-1]
-    regions = features[..., features.shape[-1] // POOLS[pool]:].unflatten(-1, (GRID, GRID, -1))
-    return torch.cat([features[..., : features.shape[-1] // POOLS[pool]], regions.flip(-2).reshape(*lead, -1)], -1)
+    split = features.shape[-1] // POOLS[pool]  # [global | GRID x GRID cells, row-major]
+    cells = features[..., split:].unflatten(-1, (GRID, GRID, -1)).flip(-2).flatten(-3)
+    return torch.cat([features[..., :split], cells], -1)
+
+
+def average_views(features: Sequence[torch.Tensor], pool: str, views: Sequence[Preprocess]) -> torch.Tensor:
+    """The mean of each view's features (views[i]'s in features[i]), their region grids aligned first."""
+    return torch.stack([align_view(f, pool, pre) for f, pre in zip(features, views)]).mean(0)
 
 
 class Encoder(nn.Module):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
-from .encoders import align_view, test_views
+from .encoders import average_views, test_views
 from .errors import CaptionerError
 from .features import extract_features
 from .inference import Captioner
@@ -66,8 +66,8 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     kept = [r for r, ok in zip(records, mask) if ok]
     if not kept:
         raise CaptionerError("no readable images to evaluate")
-    feats = torch.stack([align_view(torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)), cap.encoder.pool, p)
-                         for s, p in zip(sets, pres)]).mean(0)
+    feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
+                          cap.encoder.pool, pres)
     hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import first_problem, load_tensors, save_tensors
 from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
-from .encoders import Encoder, Preprocess, align_view, create_encoder, test_views
+from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
@@ -175,7 +175,7 @@ class Captioner:
             x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             f = self.encoder(x).float().view(-1, views, self.encoder.dim)
-            feats.append(torch.stack([align_view(f[:, v], self.encoder.pool, p) for v, p in enumerate(pres)], 1).mean(1))
+            feats.append(average_views(f.unbind(1), self.encoder.pool, pres))
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,

@@ -353,6 +353,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     all_paths = [r.image for r in train_recs + dev_recs]
 
+    def feature_batch(rows: list[int]) -> torch.Tensor:  # cached rows (float16) on the device, widened
+        return to_device(feats[rows], cfg.device).float()
+
     def image_batch(rows: list[int]) -> torch.Tensor:
         x = to_device(torch.stack([encoder.preprocess(all_paths[r]) for r in rows]), cfg.device)
         return x.contiguous(memory_format=torch.channels_last)
@@ -395,12 +398,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for i in range(0, len(dev_items), 256):
             rows, seqs = zip(*dev_items[i:i + 256])
             caps, lens = _pad(list(seqs))
-            logits, targets = model(feats[list(rows)].to(cfg.device).float(), caps.to(cfg.device), lens)
+            logits, targets = model(feature_batch(list(rows)), caps.to(cfg.device), lens)
             losses += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             n += targets.numel()
         hyps = []
         for i in range(0, len(dev_rows), 256):
-            f = feats[dev_rows[i:i + 256]].to(cfg.device).float()
+            f = feature_batch(dev_rows[i:i + 256])
             if cfg.eval_beam > 1:
                 hs = [h[0] for h in beam_search(model, f, vocab, cfg.eval_beam, cfg.max_len)]
             else:
@@ -439,7 +442,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 for grp in optim.param_groups:
                     grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]
                 with amp:
-                    f = enc_fwd(image_batch(rows)).float() if fine_tune else to_device(feats[rows], cfg.device).float()
+                    f = enc_fwd(image_batch(rows)).float() if fine_tune else feature_batch(rows)
                     if dctx.enabled:
                         loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens, cfg.label_smoothing,
                                         sum(len(train_items[i][1]) - 1 for i in idx), dctx.world,
