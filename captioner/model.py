@@ -33,6 +33,7 @@ class DecoderConfig:
     regions: int = 0  # region vectors after the global one in each feature row (0: no attention)
     att_dim: int = 256
     att_dropout: float = 0.5  # on the region vectors themselves: attention learns the training images fast
+    att_positions: bool = False  # a learned key per grid cell, so attention can tell where a region is
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +65,8 @@ class ShowAndTell(nn.Module):
             self.att_value = nn.Linear(channels, cfg.att_dim)
             self.att_query = nn.Linear(cfg.hidden_dim, cfg.att_dim, bias=False)
             self.att_out = nn.Linear(cfg.att_dim, cfg.hidden_dim, bias=False)
+            if cfg.att_positions:
+                self.att_pos = nn.Parameter(torch.zeros(cfg.regions, 1, cfg.att_dim))
 
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.image_embed(features[:, : self.image_embed.in_features]))
@@ -74,7 +77,10 @@ class ShowAndTell(nn.Module):
         (W_q h).k = h.(W_q^T k) and W_o(sum a v) = sum a W_o v, so a decoding step only takes dot products."""
         regions = features[:, self.image_embed.in_features:].unflatten(1, (self.cfg.regions, -1)).transpose(0, 1)
         regions = F.dropout(regions, self.cfg.att_dropout, self.training)
-        keys = self.att_key(regions) @ self.att_query.weight / math.sqrt(self.cfg.att_dim)
+        keys = self.att_key(regions)
+        if self.cfg.att_positions:
+            keys = keys + self.att_pos
+        keys = keys @ self.att_query.weight / math.sqrt(self.cfg.att_dim)
         return torch.cat([keys, self.att_out(self.dropout(self.att_value(regions)))], -1)
 
     def attend(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class TrainConfig:
     num_layers: int = 1
     dropout: float = 0.5
     att_dropout: float = 0.5  # on the region vectors (--pool regions)
+    att_positions: bool = False  # learned position keys for the regions (--pool regions)
     min_count: int = 5
     max_len: int = 20
     batch_size: int = 64
@@ -342,7 +343,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)  # here, not earlier: building the feature cache draws from the global RNG
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout, attended_regions(cfg.pool),
-                                      att_dropout=cfg.att_dropout)).to(cfg.device)
+                                      att_dropout=cfg.att_dropout, att_positions=cfg.att_positions)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder

@@ -143,6 +143,11 @@ def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperatur
 
 # --- the app --------------------------------------------------------------------------------------------
 
+def _encoder_title(name: str) -> str:
+    """`efficientnet_lite2` as people write it: EfficientNet-Lite2 (other names as they are)."""
+    return name.replace("efficientnet_lite", "EfficientNet-Lite") if name.startswith("efficientnet_lite") else name
+
+
 def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLike | None = None,
               max_upload_mb: float = 20, concurrency: int = 2) -> "gr.Blocks":
     """The demo's page and API, ready to `.launch()`; loads the model unless one is given."""
@@ -214,7 +219,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         return rows, [f"{stem}.csv", f"{stem}.json"], summary
 
     with gr.Blocks(title="Image captioner", delete_cache=(3600, 3600), analytics_enabled=False) as app:
-        gr.Markdown("# Image captioner\nEfficientNet-Lite0 encoder + LSTM decoder (Show and Tell). "
+        gr.Markdown(f"# Image captioner\n{_encoder_title(cap.encoder.name)} encoder + LSTM decoder (Show and Tell). "
                     "Drop, paste or pick a photo; its caption appears below.")
         with gr.Tab("Single image"):
             with gr.Row():

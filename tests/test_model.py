@@ -92,10 +92,34 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
         torch.testing.assert_close(_step(m64, tokens, st)[0], m64.step(tokens, st)[0])
 
 
-def _attending(layers: int = 1, regions: int = 4, channels: int = 6) -> ShowAndTell:
+def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False) -> ShowAndTell:
     torch.manual_seed(0)
-    return ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
-                                     regions=regions, att_dim=5)).eval()
+    m = ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
+                                  regions=regions, att_dim=5, att_positions=positions)).eval()
+    if positions:
+        torch.nn.init.normal_(m.att_pos)  # as if trained: they start at zero
+    return m
+
+
+def test_region_positions_let_attention_tell_where_a_region_is():
+    """Without positions, shuffling the grid cells changes nothing (attention reads a set); with them it
+    does, and the step-by-step path still equals the teacher-forced pass."""
+    from captioner.decoding import _step
+    feats, caps, lens = torch.randn(2, 30), torch.randint(4, 30, (2, 6)), torch.tensor([6, 4])
+    perm = torch.tensor([2, 0, 3, 1])
+    shuffled = torch.cat([feats[:, :6], feats[:, 6:].unflatten(1, (4, 6))[:, perm].flatten(1)], 1)
+    plain, placed = _attending(), _attending(positions=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(shuffled, caps, lens)[0], plain(feats, caps, lens)[0])
+        logits = placed(feats, caps, lens)[0]
+        assert not torch.allclose(placed(shuffled, caps, lens)[0], logits, atol=1e-3)
+        state, rows = placed.init_state(feats), []
+        for t in range(5):
+            logp, state = _step(placed, caps[:, t], state)
+            rows.append(logp)
+        steps = torch.stack(rows, 1)
+        packed = torch.cat([steps[lens - 1 > t, t] for t in range(5)])
+        torch.testing.assert_close(packed, torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_step_by_step_equals_the_teacher_forced_pass():
