@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .encoders import ENCODERS, POOLS, VIEWS
-    from .train import TrainConfig
+    from .train import SELECT, TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="captioner", description="Show and Tell image captioning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
+    t.add_argument("--select", choices=SELECT, default=d.select,
+                   help="the epoch kept as best.safetensors: best greedy dev BLEU-4, lowest dev loss, or the last")
     t.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="stop after this many epochs without a better dev BLEU-4")
     t.add_argument("--seed", type=int, default=d.seed)

@@ -47,6 +47,26 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
         assert (tmp_path / "full" / name).is_file(), name
 
 
+def test_select_keeps_the_epoch_it_names(tiny_data, tmp_path):
+    """best.safetensors holds the epoch with the best greedy BLEU-4, the lowest dev loss, or the last one."""
+    from captioner.inference import load_model
+    for select in ("bleu", "loss", "last"):
+        summary = train(_cfg(tiny_data, tmp_path / select, epochs=4, select=select), progress=False)
+        hist = [json.loads(l) for l in (tmp_path / select / "metrics.jsonl").read_text().splitlines()]
+        want = {"bleu": max(range(4), key=lambda i: (hist[i]["dev_BLEU-4"], -i)),
+                "loss": min(range(4), key=lambda i: (hist[i]["dev_loss"], i)), "last": 3}[select] + 1
+        assert summary["best_epoch"] == want and summary["select"] == select
+        assert summary["best_dev_BLEU-4"] == hist[want - 1]["dev_BLEU-4"]
+        _, _, _, meta = load_model(tmp_path / select / "best.safetensors")
+        assert meta["train"]["epoch"] == want
+        if select == "last":  # the kept weights are the final state's
+            best, _ = load_tensors(tmp_path / select / "best.safetensors")
+            state, _ = load_tensors(tmp_path / select / "state.safetensors")
+            assert torch.equal(best["decoder.out.weight"].float(), state["model.out.weight"].float())
+    with pytest.raises(CaptionerError, match="select must be one of bleu, loss, last"):
+        _cfg(tiny_data, tmp_path / "x", select="cider").validate()
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(tiny_data, tmp_path):
     train(_cfg(tiny_data, tmp_path / "run", epochs=1), progress=False)
     a = Captioner.load(tmp_path / "run" / "best.safetensors")
