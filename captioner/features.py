@@ -197,16 +197,15 @@ class FeatureRows:
     not grow with the features (six views of 3x3 regions are 1.07 GB; eval/RESULTS.md, Speed row 5)."""
 
     def __init__(self, sets: Sequence[FeatureSet]):
-        self.files, self.n = [], len(sets[0].paths)
+        self.files, self.n, self.dim = [], len(sets[0].paths), sets[0].features.shape[1]
         fmt = np.lib.format
         for s in sets:
             f = open(s.features.filename, "rb")
             header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
             shape, fortran, dtype = header(f)
-            if fortran or shape != (self.n, sets[0].features.shape[1]) or dtype != np.float16:
+            if fortran or shape != (self.n, self.dim) or dtype != np.float16:
                 raise CaptionerError(f"feature cache {s.features.filename} is not a float16 table of {self.n} rows")
             self.files.append((f, f.tell()))
-        self.dim = sets[0].features.shape[1]
 
     def __len__(self) -> int:
         return self.n * len(self.files)

@@ -513,6 +513,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for s, h in old_handlers.items():
             signal.signal(s, h)
         dctx.close()
+        if isinstance(feats, FeatureRows):
+            feats.close()
     kept = st["history"][st["best_epoch"] - 1] if st["best_epoch"] else {}
     summary = {"best_epoch": st["best_epoch"], "best_dev_BLEU-4": kept.get("dev_BLEU-4", -1.0), "select": cfg.select,
                "epochs_run": len(st["history"]), "seconds": round(time.time() - t_start, 1),

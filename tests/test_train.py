@@ -286,14 +286,20 @@ def test_scst_meteor_reward(tiny_data, tmp_path):
     assert bad.returncode == 2 and "expected a finite number >= 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data, tmp_path):
+def _pooled(pool: str, vectors: int):
+    """The default encoder with this pooling on two random images: its output starts with the global average."""
     from captioner.encoders import create_encoder
-    enc = create_encoder(pool="grid")
+    enc = create_encoder(pool=pool)
     x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         g, fmap = enc(x), enc.feature_map(x)
-    assert enc.dim == 5 * 1280 and g.shape == (2, 6400)
+    assert enc.dim == vectors * 1280 and g.shape == (2, vectors * 1280)
     assert torch.allclose(g[:, :1280], fmap.mean((2, 3)), atol=1e-5)  # the global average first
+    return enc, g, fmap
+
+
+def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data, tmp_path):
+    enc, g, fmap = _pooled("grid", 5)
     assert torch.allclose(g[:, 5120:], fmap[:, :, 3:, 3:].mean((2, 3)), atol=1e-5)  # then the quadrants: bottom-right last
     cache = tmp_path / "cache"
     train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="grid", cache_dir=str(cache)), progress=False)
@@ -307,13 +313,8 @@ def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data
 def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tmp_path):
     from dataclasses import replace
     import torch.nn.functional as F
-    from captioner.encoders import align_view, create_encoder
-    enc = create_encoder(pool="regions")
-    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        g, fmap = enc(x), enc.feature_map(x)
-    assert enc.dim == 10 * 1280 and g.shape == (2, 12800)
-    assert torch.allclose(g[:, :1280], fmap.mean((2, 3)), atol=1e-5)
+    from captioner.encoders import align_view
+    enc, g, fmap = _pooled("regions", 10)
     assert torch.allclose(g[:, 1280:].view(2, 3, 3, 1280), F.adaptive_avg_pool2d(fmap, 3).permute(0, 2, 3, 1), atol=1e-5)
     # A mirrored view's grid comes back in place: cell (row, col) from (row, 2 - col); the global part stays.
     cells = torch.arange(10.0).repeat_interleave(4).view(1, 40)
