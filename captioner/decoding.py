@@ -43,8 +43,9 @@ def _decode_dtype(model: ShowAndTell) -> torch.dtype:
     return model.__dict__.get("_decode_dtype", dtype) if dtype == torch.float32 else dtype
 
 
-def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input table, hidden-to-gates weight, output weight) in the model's decoding precision.
+def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
+    """(input table, hidden-to-gates weight, output weight, fed-back context's weight or an empty one) in
+    the model's decoding precision.
 
     The input table is every word's embedding already multiplied by the first layer's input weights
     (biases folded in): a step then multiplies only the hidden state, so the first layer's matrix work
@@ -58,8 +59,10 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, torch.Tensor, torch
     cached = model.__dict__.get("_step_weights")
     if cached is None or cached[0] != key:
         with torch.inference_mode():
-            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0.t())
-            cached = (key, tuple(w.to(dtype) for w in (table, lstm.weight_hh_l0, model.out.weight)))
+            E = emb.shape[1]
+            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0[:, :E].t())
+            weights = (table, lstm.weight_hh_l0, model.out.weight, lstm.weight_ih_l0[:, E:])
+            cached = (key, tuple(w.to(dtype) for w in weights))
         model.__dict__["_step_weights"] = cached
     return cached[1]
 
@@ -82,11 +85,13 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     full = _decode_dtype(model) == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
-    table, w_hh, w_out = _step_weights(model)
+    table, w_hh, w_out, w_feed = _step_weights(model)
     if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:
         gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
+    if model.feed_dim:
+        gates += torch.mm(model.context(h[-1], state[2]).to(w_feed.dtype), w_feed.t()).to(h.dtype)
     i, f, g, o = gates.chunk(4, dim=1)
     c0 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
     x = torch.sigmoid(o) * torch.tanh(c0)

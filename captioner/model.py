@@ -7,6 +7,9 @@ Loss is cross-entropy over real tokens only: outputs are packed, so padding cost
 With `regions` > 0 (encoder pool "regions") the features also hold a grid of region vectors, and each
 output attends over them before scoring words (Luong et al. 2015's attention on top of the LSTM output):
 the LSTM still runs over the whole sentence in one call, so training costs about what it did.
+With `att_feed` the context each output read is also the LSTM's next input beside the word (Luong et al.'s
+input feeding; Show, Attend and Tell's z_t): the LSTM then knows what it has already looked at, but training
+must unroll it one step at a time.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 State = tuple[torch.Tensor, ...]  # (h, c) or, with regions, (h, c, memory)
 ROWS = 256
@@ -34,6 +37,7 @@ class DecoderConfig:
     att_dim: int = 256
     att_dropout: float = 0.5  # on the region vectors themselves: attention learns the training images fast
     att_positions: bool = False  # a learned key per grid cell, so attention can tell where a region is
+    att_feed: bool = False  # the attended context [att_dim] is the next step's LSTM input too
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,12 +55,15 @@ class ShowAndTell(nn.Module):
         if cfg.regions < 0 or cfg.att_dim < 1 or not 0 <= cfg.att_dropout < 1:
             raise ValueError(f"bad attention settings: regions {cfg.regions}, att_dim {cfg.att_dim}, "
                              f"att_dropout {cfg.att_dropout}")
+        if cfg.att_feed and (not cfg.regions or cfg.num_layers != 1):
+            raise ValueError("att_feed needs regions to attend over and a one-layer LSTM")
         channels = cfg.feature_dim // (cfg.regions + 1)
         if channels * (cfg.regions + 1) != cfg.feature_dim:
             raise ValueError(f"{cfg.feature_dim}-d features do not split into {cfg.regions + 1} equal vectors")
         self.image_embed = nn.Linear(channels, cfg.embed_dim)
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
-        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
+        self.feed_dim = cfg.att_dim if cfg.att_feed else 0
+        self.lstm = nn.LSTM(cfg.embed_dim + self.feed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
@@ -74,22 +81,58 @@ class ShowAndTell(nn.Module):
     def memory(self, features: torch.Tensor) -> torch.Tensor:
         """The image's regions as keys and values in the hidden state's space, [R, B, 2H] (rows on axis 1, as
         in the LSTM state). The query and output projections are folded into them, once per image:
-        (W_q h).k = h.(W_q^T k) and W_o(sum a v) = sum a W_o v, so a decoding step only takes dot products."""
+        (W_q h).k = h.(W_q^T k) and W_o(sum a v) = sum a W_o v, so a decoding step only takes dot products.
+        With att_feed the unprojected values follow, [R, B, 2H + att_dim], for the context fed back."""
         regions = features[:, self.image_embed.in_features:].unflatten(1, (self.cfg.regions, -1)).transpose(0, 1)
         regions = F.dropout(regions, self.cfg.att_dropout, self.training)
         keys = self.att_key(regions)
         if self.cfg.att_positions:
             keys = keys + self.att_pos
         keys = keys @ self.att_query.weight / math.sqrt(self.cfg.att_dim)
-        return torch.cat([keys, self.att_out(self.dropout(self.att_value(regions)))], -1)
+        values = self.dropout(self.att_value(regions))
+        parts = [keys, self.att_out(values)] + ([values] if self.feed_dim else [])
+        return torch.cat(parts, -1)
+
+    def _read(self, hidden: torch.Tensor, memory: torch.Tensor, part: int) -> torch.Tensor:
+        """What hidden reads from its image's regions: the output values (part 1) or the fed-back ones (2).
+        memory [R, M, .] holds M images; hidden's rows are theirs in order, the same number each ([M, T, H]
+        in training, [M*K, H] for K beams)."""
+        H = hidden.shape[-1]
+        mem = memory.transpose(0, 1)  # [M, R, .]
+        keys, values = mem[..., :H], (mem[..., H:2 * H] if part == 1 else mem[..., 2 * H:])
+        h = hidden.reshape(keys.shape[0], -1, H)
+        weights = torch.softmax(h @ keys.transpose(1, 2), -1)
+        return (weights @ values).view(*hidden.shape[:-1], values.shape[-1])
 
     def attend(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """hidden plus what it reads from its image's regions. memory [R, M, 2H] holds M images; hidden's
-        rows are theirs in order, the same number each ([M, T, H] in training, [M*K, H] for K beams)."""
-        keys, values = memory.transpose(0, 1).chunk(2, -1)  # [M, R, H] each
-        h = hidden.reshape(keys.shape[0], -1, hidden.shape[-1])
-        weights = torch.softmax(h @ keys.transpose(1, 2), -1)
-        return hidden + (weights @ values).view_as(hidden)
+        """hidden plus what it reads from its image's regions."""
+        return hidden + self._read(hidden, memory, 1)
+
+    def context(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The att_dim-wide context hidden reads, the next step's LSTM input beside the word (att_feed)."""
+        return self._read(hidden, memory, 2)
+
+    def _unroll(self, packed: PackedSequence, memory: torch.Tensor) -> PackedSequence:
+        """The one-layer LSTM over a packed batch one step at a time, each step's input completed by the
+        context the previous output read. Gates are nn.LSTM's (i, f, g, o); the words' part of the input
+        projection is one matrix product for the whole batch, as nn.LSTM does it."""
+        lstm, E = self.lstm, self.cfg.embed_dim
+        w_word, w_feed = lstm.weight_ih_l0[:, :E], lstm.weight_ih_l0[:, E:]
+        xs = F.linear(packed.data, w_word, lstm.bias_ih_l0 + lstm.bias_hh_l0).split(packed.batch_sizes.tolist())
+        memory = memory[:, packed.sorted_indices]  # rows in the packed (longest first) order
+        h = c = packed.data.new_zeros(int(packed.batch_sizes[0]), lstm.hidden_size)
+        outs = []
+        for t, x in enumerate(xs):
+            n = x.shape[0]
+            h, c = h[:n], c[:n]
+            gates = x + F.linear(h, lstm.weight_hh_l0)
+            if t:  # the image step has nothing to feed back
+                gates = gates + F.linear(self.context(h, memory[:, :n]), w_feed)
+            i, f, g, o = gates.to(h.dtype).chunk(4, 1)  # state stays full precision under autocast
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        return PackedSequence(torch.cat(outs), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets for every real next-token position, packed (no padding).
@@ -100,12 +143,13 @@ class ShowAndTell(nn.Module):
         inputs = torch.cat([self.embed_image(features).unsqueeze(1), words], dim=1)  # image, <start>, w1..wn
         lengths = lengths.cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
+        memory = self.memory(features) if self.cfg.regions else None
+        out = self._unroll(packed, memory) if self.feed_dim else self.lstm(packed)[0]
         # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
         hidden, _ = pad_packed_sequence(out, batch_first=True)
         hidden = hidden[:, 1:]
         if self.cfg.regions:
-            hidden = self.attend(hidden, self.memory(features))
+            hidden = self.attend(hidden, memory)
         hidden = pack_padded_sequence(hidden, lengths - 1, batch_first=True, enforce_sorted=False).data
         targets = pack_padded_sequence(captions[:, 1:], lengths - 1, batch_first=True, enforce_sorted=False).data
         # Round the token count up to a multiple of ROWS: with --amp every new shape makes oneDNN build and
@@ -122,7 +166,10 @@ class ShowAndTell(nn.Module):
     def init_state(self, features: torch.Tensor) -> State:
         """LSTM state after reading the image (the paper's x_{-1} step); with regions, their memory follows
         (h, c), one row per image (beam search gives each image K rows of h and c, but one of memory)."""
-        _, state = self.lstm(self.embed_image(features).unsqueeze(1))
+        image = self.embed_image(features)
+        if self.feed_dim:
+            image = F.pad(image, (0, self.feed_dim))  # the image step has no context to feed back
+        _, state = self.lstm(image.unsqueeze(1))
         return (*state, self.memory(features)) if self.cfg.regions else state
 
     def readout(self, hidden: torch.Tensor, state: State) -> torch.Tensor:
@@ -131,7 +178,10 @@ class ShowAndTell(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the next word for each sequence, given its last token."""
-        out, (h, c) = self.lstm(self.word_embed(tokens).unsqueeze(1), state[:2])
+        x = self.word_embed(tokens)
+        if self.feed_dim:
+            x = torch.cat([x, self.context(state[0][-1], state[2])], -1)
+        out, (h, c) = self.lstm(x.unsqueeze(1), state[:2])
         return F.log_softmax(self.readout(out.squeeze(1), state), dim=-1), (h, c, *state[2:])
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     dropout: float = 0.5
     att_dropout: float = 0.5  # on the region vectors (--pool regions)
     att_positions: bool = False  # learned position keys for the regions (--pool regions)
+    att_feed: bool = False  # the attended context is the LSTM's next input too (--pool regions)
     min_count: int = 5
     max_len: int = 20
     batch_size: int = 64
@@ -104,6 +105,8 @@ class TrainConfig:
         checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
                   (0 <= self.att_dropout < 1, "attention dropout must be in [0, 1)"),
+                  (not self.att_feed or (self.pool == "regions" and self.num_layers == 1),
+                   "att_feed needs pool \"regions\" and one LSTM layer"),
                   (self.select in SELECT, f"select must be one of {', '.join(SELECT)}, got {self.select!r}"),
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
@@ -350,7 +353,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)  # here, not earlier: building the feature cache draws from the global RNG
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout, attended_regions(cfg.pool),
-                                      att_dropout=cfg.att_dropout, att_positions=cfg.att_positions)).to(cfg.device)
+                                      att_dropout=cfg.att_dropout, att_positions=cfg.att_positions,
+                                      att_feed=cfg.att_feed)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder

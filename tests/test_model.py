@@ -92,10 +92,11 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
         torch.testing.assert_close(_step(m64, tokens, st)[0], m64.step(tokens, st)[0])
 
 
-def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False) -> ShowAndTell:
+def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False,
+               feed: bool = False) -> ShowAndTell:
     torch.manual_seed(0)
     m = ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
-                                  regions=regions, att_dim=5, att_positions=positions)).eval()
+                                  regions=regions, att_dim=5, att_positions=positions, att_feed=feed)).eval()
     if positions:
         torch.nn.init.normal_(m.att_pos)  # as if trained: they start at zero
     return m
@@ -126,8 +127,8 @@ def test_attention_step_by_step_equals_the_teacher_forced_pass():
     """The decoding step (model.step and the fast decoding._step) reads the regions exactly as the
     training pass does, and the regions matter: other regions, other words' scores."""
     from captioner.decoding import _step
-    for layers in (1, 2):
-        m = _attending(layers)
+    for layers, feed in ((1, False), (2, False), (1, True)):
+        m = _attending(layers, feed=feed)
         feats = torch.randn(3, 30)
         caps = torch.randint(4, 30, (3, 7))
         caps[:, 0] = Vocabulary.build([], 1).start_id
@@ -136,7 +137,7 @@ def test_attention_step_by_step_equals_the_teacher_forced_pass():
             logits, _ = m(feats, caps, lens)
             for step in (m.step, lambda t, s: _step(m, t, s)):
                 state, rows = m.init_state(feats), []
-                assert len(state) == 3 and state[2].shape == (4, 3, 32)
+                assert len(state) == 3 and state[2].shape == (4, 3, 32 + 5 * feed)
                 for t in range(6):
                     logp, state = step(caps[:, t], state)
                     rows.append(logp)
@@ -152,14 +153,15 @@ def test_attention_step_by_step_equals_the_teacher_forced_pass():
 def test_attention_beam_search_equals_reference_and_refuses_ensembles():
     from captioner.decoding import beam_search_reference
     from captioner.model import Ensemble
-    m = _attending()
     vocab = Vocabulary([*Vocabulary.SPECIALS, *(f"w{i}" for i in range(30 - len(Vocabulary.SPECIALS)))])
     feats = torch.randn(4, 30) * 3
-    for k in (1, 3):
-        fast = beam_search(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
-        ref = beam_search_reference(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
-        assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in ref]
-    assert [h.tokens for h in greedy(m, feats, vocab, 8)] == [hs[0].tokens for hs in beam_search(m, feats, vocab, 1, 8)]
+    for m in (_attending(), _attending(feed=True)):
+        for k in (1, 3):
+            fast = beam_search(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
+            ref = beam_search_reference(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
+            assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in ref]
+        assert [h.tokens for h in greedy(m, feats, vocab, 8)] == [hs[0].tokens for hs in beam_search(m, feats, vocab, 1, 8)]
+    m = _attending()
     import pytest
     with pytest.raises(ValueError, match="regions"):
         Ensemble([m, _attending()])

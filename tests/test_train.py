@@ -334,6 +334,22 @@ def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tm
     assert all(cap.caption(imgs)) and all(c.text for c in cap.caption_full(imgs, views=2))
 
 
+def test_fed_back_attention_trains_goes_through_scst_and_loads(tiny_data, tmp_path):
+    """--att-feed end to end: the unrolled training pass, SCST's sampling and update, and the checkpoint
+    with its wider LSTM input; without regions it is refused before any work."""
+    from captioner.cli import main
+    with pytest.raises(CaptionerError, match="att_feed"):
+        _cfg(tiny_data, tmp_path / "x", att_feed=True).validate()
+    train(_cfg(tiny_data, tmp_path / "xe", epochs=1, pool="regions", att_feed=True), progress=False)
+    cap = Captioner.load(tmp_path / "xe")
+    assert cap.decoder.cfg.att_feed and cap.decoder.lstm.input_size == 16 + cap.decoder.cfg.att_dim
+    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
+                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
+    assert all(c.text for c in Captioner.load(tmp_path / "scst").caption_full(imgs, views=2))
+
+
 def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
     """What CPU training indexes (FeatureRows, read from the cache files) is the concatenated table."""
     from dataclasses import replace
