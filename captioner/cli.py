@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--sample-prob", type=float, default=d.sample_prob,
+                   help="scheduled sampling: the chance that a word's input is the model's own sampled word instead of "
+                        "the caption's, ramped from 0 in the first epoch to this in the last (one LSTM layer; training "
+                        "then unrolls the LSTM word by word)")
     t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     t.add_argument("--select", choices=SELECT, default=d.select,
                    help="the epoch kept as best.safetensors: best greedy dev BLEU-4, lowest dev loss, or the last")

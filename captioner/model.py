@@ -112,21 +112,33 @@ class ShowAndTell(nn.Module):
         """The att_dim-wide context hidden reads, the next step's LSTM input beside the word (att_feed)."""
         return self._read(hidden, memory, 2)
 
-    def _unroll(self, packed: PackedSequence, memory: torch.Tensor) -> PackedSequence:
-        """The one-layer LSTM over a packed batch one step at a time, each step's input completed by the
-        context the previous output read. Gates are nn.LSTM's (i, f, g, o); the words' part of the input
-        projection is one matrix product for the whole batch, as nn.LSTM does it."""
+    def _unroll(self, packed: PackedSequence, memory: torch.Tensor | None, sample_prob: float = 0.0) -> PackedSequence:
+        """The one-layer LSTM over a packed batch one step at a time, for what one call cannot do: each
+        step's input completed by the context the previous output read (att_feed), and scheduled sampling
+        (Bengio et al. 2015): with probability `sample_prob` a word's input is a word drawn from the model's
+        own previous prediction instead of the reference's. Gates are nn.LSTM's (i, f, g, o); the words' part
+        of the input projection is one matrix product for the whole batch, as nn.LSTM does it."""
         lstm, E = self.lstm, self.cfg.embed_dim
         w_word, w_feed = lstm.weight_ih_l0[:, :E], lstm.weight_ih_l0[:, E:]
-        xs = F.linear(packed.data, w_word, lstm.bias_ih_l0 + lstm.bias_hh_l0).split(packed.batch_sizes.tolist())
-        memory = memory[:, packed.sorted_indices]  # rows in the packed (longest first) order
+        bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+        xs = F.linear(packed.data, w_word, bias).split(packed.batch_sizes.tolist())
+        if memory is not None:
+            memory = memory[:, packed.sorted_indices]  # rows in the packed (longest first) order
         h = c = packed.data.new_zeros(int(packed.batch_sizes[0]), lstm.hidden_size)
         outs = []
         for t, x in enumerate(xs):
             n = x.shape[0]
             h, c = h[:n], c[:n]
+            if sample_prob and t >= 2:  # step 0 reads the image, step 1 <start>
+                pick = torch.rand(n, device=x.device) < sample_prob
+                if bool(pick.any()):
+                    with torch.no_grad():
+                        hid = self.attend(h[pick], memory[:, :n][:, pick]) if memory is not None else h[pick]
+                        words = torch.multinomial(torch.softmax(self.out(hid).float(), -1), 1).squeeze(1)
+                    x = x.clone()
+                    x[pick] = F.linear(self.dropout(self.word_embed(words)), w_word, bias).to(x.dtype)
             gates = x + F.linear(h, lstm.weight_hh_l0)
-            if t:  # the image step has nothing to feed back
+            if t and self.feed_dim:  # the image step has nothing to feed back
                 gates = gates + F.linear(self.context(h, memory[:, :n]), w_feed)
             i, f, g, o = gates.to(h.dtype).chunk(4, 1)  # state stays full precision under autocast
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -134,17 +146,23 @@ class ShowAndTell(nn.Module):
             outs.append(h)
         return PackedSequence(torch.cat(outs), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                sample_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets for every real next-token position, packed (no padding).
 
         captions: [B, T] ids `<start> w1 .. wn <end> <pad>..`; lengths: [B] counts including start and end.
+        sample_prob: scheduled sampling's chance that a word's input is the model's own (training only).
         """
+        sample_prob = sample_prob if self.training else 0.0
+        if sample_prob and self.cfg.num_layers != 1:
+            raise ValueError("scheduled sampling needs a one-layer LSTM")
         words = self.dropout(self.word_embed(captions[:, :-1]))
         inputs = torch.cat([self.embed_image(features).unsqueeze(1), words], dim=1)  # image, <start>, w1..wn
         lengths = lengths.cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
         memory = self.memory(features) if self.cfg.regions else None
-        out = self._unroll(packed, memory) if self.feed_dim else self.lstm(packed)[0]
+        unroll = self.feed_dim or sample_prob
+        out = self._unroll(packed, memory, sample_prob) if unroll else self.lstm(packed)[0]
         # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
         hidden, _ = pad_packed_sequence(out, batch_first=True)
         hidden = hidden[:, 1:]
@@ -158,8 +176,8 @@ class ShowAndTell(nn.Module):
         return self.out(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
     def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-        logits, targets = self(features, captions, lengths)
+             label_smoothing: float = 0.0, sample_prob: float = 0.0) -> torch.Tensor:
+        logits, targets = self(features, captions, lengths, sample_prob)
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     # --- step-by-step interface used by greedy and beam search ---
@@ -188,7 +206,8 @@ class ShowAndTell(nn.Module):
 class Ensemble(nn.Module):
     """Decoders trained alike from different seeds that vote on each next word, as the NIC paper's
     best results did. Next-word probabilities are averaged; the members' LSTM states are stacked along
-    the layer axis, so decoding loops select and prune rows of one (h, c) pair exactly as for one model.
+    the layer axis and their region memories side by side along the feature axis, so decoding loops select
+    and prune rows of one state exactly as for one model.
     """
 
     def __init__(self, members: list[ShowAndTell]):
@@ -200,14 +219,15 @@ class Ensemble(nn.Module):
             if (m.cfg.vocab_size, m.cfg.feature_dim, m.cfg.hidden_dim) != (first.vocab_size, first.feature_dim,
                                                                            first.hidden_dim):
                 raise ValueError("ensemble members must share vocabulary, feature and hidden sizes")
-        if any(m.cfg.regions for m in members):
-            raise ValueError("decoders that attend to regions cannot form an ensemble")
+            if m.cfg.regions != first.regions:
+                raise ValueError("ensemble members must all attend to the same regions, or none")
         self.members = nn.ModuleList(members)
         self.cfg = first
+        self._widths = [2 * m.cfg.hidden_dim + m.feed_dim for m in members]  # each member's memory()
 
-    @staticmethod
-    def _stack(states: list[State]) -> State:
-        return torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
+    def _stack(self, states: list[State]) -> State:
+        hc = torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
+        return (*hc, torch.cat([s[2] for s in states], -1)) if self.cfg.regions else hc
 
     def init_state(self, features: torch.Tensor) -> State:
         return self._stack([m.init_state(features) for m in self.members])
@@ -216,8 +236,11 @@ class Ensemble(nn.Module):
         """Average of the members' next-word probabilities, as log-probabilities. `member_step(member,
         tokens, state)` replaces `member.step` (decoding passes its faster eval-mode step)."""
         sizes = [m.cfg.num_layers for m in self.members]
+        parts = [state[0].split(sizes), state[1].split(sizes)]
+        if self.cfg.regions:
+            parts.append(state[2].split(self._widths, -1))
         outs = [member_step(m, tokens, s) if member_step else m.step(tokens, s)
-                for m, s in zip(self.members, zip(state[0].split(sizes), state[1].split(sizes)))]
+                for m, s in zip(self.members, zip(*parts))]
         logp = torch.logsumexp(torch.stack([o[0] for o in outs]), dim=0) - math.log(len(outs))
         return logp, self._stack([o[1] for o in outs])
 

@@ -71,6 +71,7 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    sample_prob: float = 0.0  # scheduled sampling: chance of feeding the model's own word, ramped up to this
     grad_clip: float = 5.0
     patience: int = 4
     select: str = "bleu"  # the epoch kept in best.safetensors: SELECT
@@ -111,6 +112,8 @@ class TrainConfig:
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+                  (0 <= self.sample_prob < 1, "sample prob must be in [0, 1)"),
+                  (not self.sample_prob or self.num_layers == 1, "scheduled sampling needs one LSTM layer"),
                   (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0"),
                   (self.image_size == 0 or 32 <= self.image_size <= 1024, "image size must be 0 or 32..1024"),
                   (math.isfinite(self.lr), "learning rate must be finite"),
@@ -446,6 +449,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not progress, dynamic_ncols=True)
             t_epoch, n_caps = time.time(), 0
+            sample_prob = cfg.sample_prob * epoch / max(cfg.epochs - 1, 1)  # 0 in the first epoch, full in the last
             for b in range(st["batch"], steps_per_epoch):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 mine = dctx.shard(idx) or idx[:1]  # DDP: a rank left out of a short last batch adds 0 x one item
@@ -458,9 +462,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     if dctx.enabled:
                         loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens, cfg.label_smoothing,
                                         sum(len(train_items[i][1]) - 1 for i in idx), dctx.world,
-                                        weight=float(bool(dctx.shard(idx))))
+                                        weight=float(bool(dctx.shard(idx))), sample_prob=sample_prob)
                     else:
-                        loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing)
+                        loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing, sample_prob)
                 optimizer_step(loss, optim, params, scaler, cfg.grad_clip)
                 loss_value, halt = loss.item(), False
                 if dctx.enabled:  # the global batch's mean loss; every rank stops when any one was interrupted
@@ -485,6 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             scores = dctx.broadcast(evaluate() if dctx.is_main else None)  # DDP: rank 0 decodes the dev split
             row = {"epoch": epoch + 1, "step": st["step"], "lr": optim.param_groups[0]["lr"],
                    "train_loss": st["train_loss_sum"] / max(st["train_loss_n"], 1),
+                   **({"sample_prob": sample_prob} if cfg.sample_prob else {}),
                    "epoch_seconds": round(time.time() - t_epoch, 1), **scores}
             st["history"].append(row)
             score = {"bleu": scores["dev_BLEU-4"], "loss": -scores["dev_loss"], "last": epoch + 1}[cfg.select]

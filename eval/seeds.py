@@ -49,7 +49,7 @@ def main() -> None:
             path = Path(tmp) / f"{na}+{nb}.safetensors"
             try:
                 save_ensemble(path, [a, b], half=True)
-            except CaptionerError as e:  # decoders that attend to regions do not form ensembles
+            except CaptionerError as e:  # e.g. members attending to different grids
                 print(f"no ensembles: {e}", flush=True)
                 break
             m = score(path)

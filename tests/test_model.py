@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from captioner.decoding import beam_search, greedy
@@ -93,8 +94,8 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
 
 
 def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False,
-               feed: bool = False) -> ShowAndTell:
-    torch.manual_seed(0)
+               feed: bool = False, seed: int = 0) -> ShowAndTell:
+    torch.manual_seed(seed)
     m = ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
                                   regions=regions, att_dim=5, att_positions=positions, att_feed=feed)).eval()
     if positions:
@@ -150,18 +151,55 @@ def test_attention_step_by_step_equals_the_teacher_forced_pass():
             assert not torch.allclose(m(other, caps, lens)[0], logits, atol=1e-3)
 
 
-def test_attention_beam_search_equals_reference_and_refuses_ensembles():
-    from captioner.decoding import beam_search_reference
+def test_attention_beam_search_equals_reference_and_ensembles_vote():
+    """Attending decoders, fed back or not, and an ensemble of both kinds: the batched beam search (which
+    keeps one region memory per image) equals the one-beam-at-a-time reference, and the ensemble's step is
+    the average of its members' next-word probabilities."""
+    import pytest
+    from captioner.decoding import _step, beam_search_reference
     from captioner.model import Ensemble
     vocab = Vocabulary([*Vocabulary.SPECIALS, *(f"w{i}" for i in range(30 - len(Vocabulary.SPECIALS)))])
     feats = torch.randn(4, 30) * 3
-    for m in (_attending(), _attending(feed=True)):
+    members = [_attending(seed=1), _attending(feed=True, seed=2)]
+    for m in (_attending(), _attending(feed=True), Ensemble(members)):
         for k in (1, 3):
             fast = beam_search(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
             ref = beam_search_reference(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
             assert [[h.tokens for h in hs] for hs in fast] == [[h.tokens for h in hs] for hs in ref]
         assert [h.tokens for h in greedy(m, feats, vocab, 8)] == [hs[0].tokens for hs in beam_search(m, feats, vocab, 1, 8)]
-    m = _attending()
-    import pytest
+    tokens = torch.randint(4, 30, (4,))
+    with torch.inference_mode():
+        ens = Ensemble(members)
+        state = ens.init_state(feats)
+        for _ in range(2):  # the second step reads the state the first one stacked
+            logp, state = _step(ens, tokens, state)
+        probs = []
+        for m in members:
+            st = m.init_state(feats)
+            for _ in range(2):
+                lp, st = _step(m, tokens, st)
+            probs.append(lp.exp())
+    torch.testing.assert_close(logp.exp(), torch.stack(probs).mean(0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="regions"):
-        Ensemble([m, _attending()])
+        Ensemble([_attending(), ShowAndTell(DecoderConfig(30, 30, 8, 16))])
+
+
+def test_unrolled_lstm_equals_nn_lstm_and_scheduled_sampling_feeds_own_words():
+    """The word-by-word unroll is nn.LSTM's function; scheduled sampling changes a training pass only from the
+    first word the model itself predicted (outputs for <start> stay), and never an eval-mode pass."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    m = _attending().train()
+    m.cfg.att_dropout = 0.0  # no dropout anywhere: the passes compare exactly
+    feats, caps, lens = torch.randn(3, 30), torch.randint(4, 30, (3, 7)), torch.tensor([7, 5, 6])
+    inputs = torch.cat([m.embed_image(feats).unsqueeze(1), m.word_embed(caps[:, :-1])], 1)
+    packed = pack_padded_sequence(inputs, lens, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m._unroll(packed, None).data, m.lstm(packed)[0].data, rtol=1e-5, atol=1e-6)
+        forced = m(feats, caps, lens)[0]
+        torch.manual_seed(1)
+        sampled = m(feats, caps, lens, sample_prob=0.9)[0]
+        torch.testing.assert_close(sampled[:3], forced[:3])  # packed time-major: the first 3 rows follow <start>
+        assert not torch.allclose(sampled[3:], forced[3:], atol=1e-4)
+        torch.testing.assert_close(m.eval()(feats, caps, lens, sample_prob=0.9)[0], forced)
+    with pytest.raises(ValueError, match="one-layer"):
+        _attending(layers=2).train()(feats, caps, lens, sample_prob=0.5)

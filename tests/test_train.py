@@ -350,6 +350,17 @@ def test_fed_back_attention_trains_goes_through_scst_and_loads(tiny_data, tmp_pa
     assert all(c.text for c in Captioner.load(tmp_path / "scst").caption_full(imgs, views=2))
 
 
+def test_scheduled_sampling_ramps_up_over_the_epochs(tiny_data, tmp_path):
+    with pytest.raises(CaptionerError, match="scheduled sampling needs one LSTM layer"):
+        _cfg(tiny_data, tmp_path / "x", sample_prob=0.25, num_layers=2).validate()
+    with pytest.raises(CaptionerError, match="sample prob"):
+        _cfg(tiny_data, tmp_path / "x", sample_prob=1.0).validate()
+    train(_cfg(tiny_data, tmp_path / "run", epochs=3, sample_prob=0.5), progress=False)
+    hist = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["sample_prob"] for h in hist] == [0.0, 0.25, 0.5]
+    assert Captioner.load(tmp_path / "run").caption(sorted(tiny_data.glob("img*.jpg"))[:2])
+
+
 def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
     """What CPU training indexes (FeatureRows, read from the cache files) is the concatenated table."""
     from dataclasses import replace
