@@ -9,7 +9,7 @@ output attends over them before scoring words (Luong et al. 2015's attention on 
 the LSTM still runs over the whole sentence in one call, so training costs about what it did.
 With `att_feed` the context each output read is also the LSTM's next input beside the word (Luong et al.'s
 input feeding; Show, Attend and Tell's z_t): the LSTM then knows what it has already looked at, but training
-must unroll it one step at a time.
+must unroll it one step at a time. Scheduled sampling (`forward`'s `sample_prob`) uses the same unroll.
 """
 from __future__ import annotations
 
