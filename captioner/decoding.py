@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Decoder, Ensemble, ShowAndTell
+from .model import Decoder, Ensemble, ShowAndTell, lstm_update
 from .vocab import Vocabulary
 
 
@@ -92,9 +92,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
         gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
     if model.feed_dim:
         gates += torch.mm(model.context(h[-1], state[2]).to(w_feed.dtype), w_feed.t()).to(h.dtype)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c0 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
-    x = torch.sigmoid(o) * torch.tanh(c0)
+    x, c0 = lstm_update(gates, c[0])
     hs, cs = [x], [c0]
     for layer in range(1, lstm.num_layers):
         x, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *(getattr(lstm, f"{n}_l{layer}") for n in

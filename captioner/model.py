@@ -25,6 +25,14 @@ State = tuple[torch.Tensor, ...]  # (h, c) or, with regions, (h, c, memory)
 ROWS = 256
 
 
+def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.LSTM's update from its pre-activation gates (i, f, g, o), for the loops that compute the gates
+    themselves (the unrolled training pass, decoding's fast step). Returns (h, c)."""
+    i, f, g, o = gates.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 @dataclass
 class DecoderConfig:
     vocab_size: int
@@ -93,24 +101,30 @@ class ShowAndTell(nn.Module):
         parts = [keys, self.att_out(values)] + ([values] if self.feed_dim else [])
         return torch.cat(parts, -1)
 
-    def _read(self, hidden: torch.Tensor, memory: torch.Tensor, part: int) -> torch.Tensor:
-        """What hidden reads from its image's regions: the output values (part 1) or the fed-back ones (2).
-        memory [R, M, .] holds M images; hidden's rows are theirs in order, the same number each ([M, T, H]
-        in training, [M*K, H] for K beams)."""
+    @property
+    def memory_dim(self) -> int:
+        """Width of `memory`'s rows: keys and output values [H each], then the fed-back values."""
+        return 2 * self.cfg.hidden_dim + self.feed_dim
+
+    def _read(self, hidden: torch.Tensor, memory: torch.Tensor, values: slice) -> torch.Tensor:
+        """What hidden reads from its image's regions: `values` picks the output values or the fed-back ones
+        from memory's rows. memory [R, M, .] holds M images; hidden's rows are theirs in order, the same
+        number each ([M, T, H] in training, [M*K, H] for K beams)."""
         H = hidden.shape[-1]
         mem = memory.transpose(0, 1)  # [M, R, .]
-        keys, values = mem[..., :H], (mem[..., H:2 * H] if part == 1 else mem[..., 2 * H:])
+        keys, values = mem[..., :H], mem[..., values]
         h = hidden.reshape(keys.shape[0], -1, H)
         weights = torch.softmax(h @ keys.transpose(1, 2), -1)
         return (weights @ values).view(*hidden.shape[:-1], values.shape[-1])
 
     def attend(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """hidden plus what it reads from its image's regions."""
-        return hidden + self._read(hidden, memory, 1)
+        H = self.cfg.hidden_dim
+        return hidden + self._read(hidden, memory, slice(H, 2 * H))
 
     def context(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """The att_dim-wide context hidden reads, the next step's LSTM input beside the word (att_feed)."""
-        return self._read(hidden, memory, 2)
+        return self._read(hidden, memory, slice(2 * self.cfg.hidden_dim, None))
 
     def _unroll(self, packed: PackedSequence, memory: torch.Tensor | None, sample_prob: float = 0.0) -> PackedSequence:
         """The one-layer LSTM over a packed batch one step at a time, for what one call cannot do: each
@@ -140,9 +154,7 @@ class ShowAndTell(nn.Module):
             gates = x + F.linear(h, lstm.weight_hh_l0)
             if t and self.feed_dim:  # the image step has nothing to feed back
                 gates = gates + F.linear(self.context(h, memory[:, :n]), w_feed)
-            i, f, g, o = gates.to(h.dtype).chunk(4, 1)  # state stays full precision under autocast
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = lstm_update(gates.to(h.dtype), c)  # state stays full precision under autocast
             outs.append(h)
         return PackedSequence(torch.cat(outs), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
@@ -223,7 +235,6 @@ class Ensemble(nn.Module):
                 raise ValueError("ensemble members must all attend to the same regions, or none")
         self.members = nn.ModuleList(members)
         self.cfg = first
-        self._widths = [2 * m.cfg.hidden_dim + m.feed_dim for m in members]  # each member's memory()
 
     def _stack(self, states: list[State]) -> State:
         hc = torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
@@ -238,7 +249,7 @@ class Ensemble(nn.Module):
         sizes = [m.cfg.num_layers for m in self.members]
         parts = [state[0].split(sizes), state[1].split(sizes)]
         if self.cfg.regions:
-            parts.append(state[2].split(self._widths, -1))
+            parts.append(state[2].split([m.memory_dim for m in self.members], -1))
         outs = [member_step(m, tokens, s) if member_step else m.step(tokens, s)
                 for m, s in zip(self.members, zip(*parts))]
         logp = torch.logsumexp(torch.stack([o[0] for o in outs]), dim=0) - math.log(len(outs))

@@ -50,5 +50,6 @@ def main() -> None:
             row.append(f"batch {batch}: {ms:.1f} ms/image ({ms / base[batch]:.2f}x)")
         print(f"{name} ({encoders[name].preprocess.size} px): " + "; ".join(row), flush=True)
 
+
 if __name__ == "__main__":
     main()
