@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pool", choices=list(POOLS), default=d.pool,
                    help="avg: the feature map's global average (Show and Tell); grid: that, then its 2x2 quadrants' "
                         "averages (5x the features); regions: the average, then a 3x3 grid of region averages that "
-                        "the decoder attends over at every word (10x the features)")
+                        "the decoder attends over at every word (10x the features); regions7: the same with a 7x7 grid "
+                        "(50x the features)")
     t.add_argument("--flip-augment", action="store_true",
                    help="also cache mirrored images' features and train on either view at random (extraction 2x)")
     t.add_argument("--crop-augment", action="store_true",

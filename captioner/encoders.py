@@ -82,23 +82,24 @@ VIEWS = (1, 2, 6)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # How the last feature map becomes the decoder's input: "avg" is global average pooling (Show and Tell);
 # "grid" adds the 2x2 quadrants' averages after it, so the vector says where things are (5x the size);
-# "regions" adds a GRIDxGRID map of region averages after it, which the decoder attends over (model.py).
-GRID = 3
-POOLS = {"avg": 1, "grid": 5, "regions": 1 + GRID * GRID}
+# "regions" adds a 3x3 map of region averages after it, which the decoder attends over (model.py);
+# "regions7" a 7x7 one (Lite0's whole map at 224 pixels, as Show, Attend and Tell attends over conv cells).
+GRIDS = {"avg": 0, "grid": 2, "regions": 3, "regions7": 7}
+POOLS = {pool: 1 + g * g for pool, g in GRIDS.items()}
 
 
 def attended_regions(pool: str) -> int:
     """How many region vectors the decoder attends over for features pooled this way."""
-    return POOLS[pool] - 1 if pool == "regions" else 0
+    return POOLS[pool] - 1 if pool.startswith("regions") else 0
 
 
 def align_view(features: torch.Tensor, pool: str, pre: Preprocess) -> torch.Tensor:
     """A mirrored view's features with its region grid mirrored back, so that averaging views averages
     each region with itself (--views); other pools and views are returned as they are."""
-    if pool != "regions" or not pre.hflip:
+    if not pool.startswith("regions") or not pre.hflip:
         return features
-    split = features.shape[-1] // POOLS[pool]  # [global | GRID x GRID cells, row-major]
-    cells = features[..., split:].unflatten(-1, (GRID, GRID, -1)).flip(-2).flatten(-3)
+    split, g = features.shape[-1] // POOLS[pool], GRIDS[pool]  # [global | g x g cells, row-major]
+    cells = features[..., split:].unflatten(-1, (g, g, -1)).flip(-2).flatten(-3)
     return torch.cat([features[..., :split], cells], -1)
 
 
@@ -128,8 +129,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.feature_map(x)
         pooled = fmap.mean((2, 3))
-        if self.pool in ("grid", "regions"):  # [global | row-major cells]: grid's 2x2 quadrants, or GRIDxGRID
-            cells = F.adaptive_avg_pool2d(fmap, 2 if self.pool == "grid" else GRID).flatten(2).transpose(1, 2).flatten(1)
+        if GRIDS[self.pool]:  # [global | row-major cells]: grid's 2x2 quadrants, or the regions' grid
+            cells = F.adaptive_avg_pool2d(fmap, GRIDS[self.pool]).flatten(2).transpose(1, 2).flatten(1)
             return torch.cat([pooled, cells], 1)
         return pooled
 

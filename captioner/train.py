@@ -52,7 +52,7 @@ class TrainConfig:
     fine_tune_blocks: int = 0
     image_size: int = 0  # 0: the encoder's own input size
     pool: str = "avg"  # encoders.POOLS: "grid" adds the 2x2 quadrants to the global average, "regions" a 3x3
-    # grid that the decoder attends over
+    # grid that the decoder attends over, "regions7" a 7x7 one
     flip_augment: bool = False  # train on mirrored images' features too, picked at random per caption
     crop_augment: bool = False  # and on the four corner crops' features
     embed_dim: int = 512
@@ -106,7 +106,7 @@ class TrainConfig:
         checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
                   (0 <= self.att_dropout < 1, "attention dropout must be in [0, 1)"),
-                  (not self.att_feed or (self.pool == "regions" and self.num_layers == 1),
+                  (not self.att_feed or (self.pool.startswith("regions") and self.num_layers == 1),
                    "att_feed needs pool \"regions\" and one LSTM layer"),
                   (self.select in SELECT, f"select must be one of {', '.join(SELECT)}, got {self.select!r}"),
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),

@@ -334,6 +334,22 @@ def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tm
     assert all(cap.caption(imgs)) and all(c.text for c in cap.caption_full(imgs, views=2))
 
 
+def test_seven_by_seven_regions_are_the_whole_map_and_mirror_back(tiny_data, tmp_path):
+    """--pool regions7: Lite0's 7x7 map itself is the memory; a mirrored image's cells come back in place."""
+    from dataclasses import replace
+    from captioner.encoders import align_view
+    enc, g, fmap = _pooled("regions7", 50)
+    assert torch.allclose(g[:, 1280:].view(2, 7, 7, 1280), fmap.permute(0, 2, 3, 1), atol=1e-6)
+    cells = torch.arange(50.0).repeat_interleave(2).view(1, 100)  # cell (row, col) comes from (row, 6 - col)
+    back = align_view(cells, "regions7", replace(enc.preprocess, hflip=True)).view(50, 2)[:, 0]
+    assert back.tolist() == [0] + [1 + 7 * r + 6 - c for r in range(7) for c in range(7)]
+
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="regions7", att_feed=True), progress=False)
+    cap = Captioner.load(tmp_path / "run")
+    assert cap.encoder.pool == "regions7" and cap.decoder.cfg.regions == 49 and cap.decoder.cfg.feature_dim == 64000
+    assert all(c.text for c in cap.caption_full(sorted(tiny_data.glob("img*.jpg"))[:2], views=2))
+
+
 def test_fed_back_attention_trains_goes_through_scst_and_loads(tiny_data, tmp_path):
     """--att-feed end to end: the unrolled training pass, SCST's sampling and update, and the checkpoint
     with its wider LSTM input; without regions it is refused before any work."""
