@@ -21,6 +21,10 @@ from .errors import CaptionerError
 
 FORMAT = "captioner-v1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+# How weights are stored: float32 as trained; float16 halves the file; int8 quarters the matrices
+# (each row scaled by its own largest magnitude, the scales kept beside it as float32 under SCALE_SUFFIX).
+STORAGES = ("float32", "float16", "int8")
+SCALE_SUFFIX = ".int8_scale"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -100,6 +104,41 @@ def remove_stale_temp_files(folder: str | Path) -> int:
         except OSError:
             pass
     return removed
+
+
+def pack_weights(tensors: dict[str, torch.Tensor], storage: str) -> dict[str, torch.Tensor]:
+    """Weights as `storage` keeps them on disk; integer tensors and int8's vectors (biases) stay float16
+    or as they are, since a row of one number gains nothing from its own scale."""
+    if storage not in STORAGES:
+        raise CaptionerError(f"unknown weight storage {storage!r} (choose one of: {', '.join(STORAGES)})")
+    packed: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if not v.is_floating_point() or storage == "float32":
+            packed[k] = v
+        elif storage == "float16" or v.dim() != 2:
+            packed[k] = v.half()
+        else:
+            scale = v.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+            packed[k] = torch.round(v.float() / scale).to(torch.int8)
+            packed[k + SCALE_SUFFIX] = scale
+    return packed
+
+
+def unpack_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """float32 weights from any of STORAGES (int8 rows times their scales)."""
+    out = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+    for k, scale in tensors.items():
+        if not k.endswith(SCALE_SUFFIX):
+            continue
+        name = k[: -len(SCALE_SUFFIX)]
+        q = tensors.get(name)
+        if q is None or q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
+            raise CaptionerError(f"{path}: int8 scale {k} has no matching int8 matrix {name}")
+        out[name] = q.float() * scale.float()
+    unscaled = [k for k, v in out.items() if v.dtype == torch.int8]
+    if unscaled:
+        raise CaptionerError(f"{path}: int8 weights {unscaled[0]} come without their scale ({unscaled[0]}{SCALE_SUFFIX})")
+    return out
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

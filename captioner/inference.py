@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .checkpoint import first_problem, load_tensors, save_tensors
+from .checkpoint import first_problem, load_tensors, pack_weights, save_tensors, unpack_weights
 from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
 from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
@@ -27,19 +27,18 @@ class Caption:
 
 
 def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: Encoder,
-               extra: dict | None = None, include_encoder: bool = False, half: bool = False) -> None:
-    """Self-contained model checkpoint (see checkpoint.py). `half` stores weights as float16."""
+               extra: dict | None = None, include_encoder: bool = False, storage: str = "float32") -> None:
+    """Self-contained model checkpoint (see checkpoint.py), its weights stored as checkpoint.STORAGES says."""
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     if include_encoder:
         tensors.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
-    if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = pack_weights(tensors, storage)
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
             **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                         **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
                         "weights_included": include_encoder},
-            **(extra or {})}
+            **(extra or {}), "storage": storage}
     save_tensors(path, tensors, meta)
 
 
@@ -47,6 +46,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     """Everything is checked against the metadata before the encoder is built (which may download weights)."""
     from .encoders import ENCODER_DIMS, ENCODERS, POOLS
     tensors, meta = load_tensors(path)
+    tensors = unpack_weights(tensors, path)
     try:
         vocab = Vocabulary(meta["vocab"])
         cfg = DecoderConfig.from_dict(meta["decoder"])
@@ -74,7 +74,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         if dim is not None and dim != cfg.feature_dim:
             raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} "
                                  f"gives {dim}-d ones")
-    dec_sd = {k[len("decoder."):]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+    dec_sd = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
     try:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
@@ -85,8 +85,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     if saved_pre is not None:
         encoder.preprocess = saved_pre
     if with_encoder:
-        enc_sd = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
-                  for k, v in tensors.items() if k.startswith("encoder.")}
+        enc_sd = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
         try:
             encoder.load_state_dict(enc_sd)
         except RuntimeError as e:
@@ -94,7 +93,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     return decoder.eval(), vocab, encoder.eval(), meta
 
 
-def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], half: bool = False) -> int:
+def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "float32") -> int:
     """One checkpoint holding the decoders of several runs (same data, vocabulary and encoder), which
     then decode together (model.Ensemble). Returns the number of members."""
     decoders: list[ShowAndTell] = []
@@ -118,22 +117,22 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], half: boo
     except ValueError as e:
         raise CaptionerError(str(e)) from None
     extra = {"ensemble_of": [str(c) for c in checkpoints]}
-    save_model(path, ensemble, first[0], first[1], extra=extra, half=half)
+    save_model(path, ensemble, first[0], first[1], extra=extra, storage=storage)
     return len(decoders)
 
 
-def bundle(path: str | Path, checkpoints: Sequence[str | Path]) -> str:
-    """Runs' best checkpoints as one float16 file to ship: one model alone, several as an ensemble.
-    Returns what was written, in words."""
+def bundle(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "float16") -> str:
+    """Runs' best checkpoints as one file to ship (float16 or int8 weights): one model alone, several as an
+    ensemble. Returns what was written, in words."""
     if len(checkpoints) > 1:
-        return f"ensemble of {save_ensemble(path, checkpoints, half=True)}"
+        return f"ensemble of {save_ensemble(path, checkpoints, storage=storage)}"
     if not checkpoints:
         raise CaptionerError("no checkpoints to bundle")
     decoder, vocab, encoder, meta = load_model(checkpoints[0])
     extra = {k: v for k, v in meta.items() if k not in ("decoder", "vocab", "encoder")}
     extra["bundled_from"] = str(checkpoints[0])
     save_model(path, decoder, vocab, encoder, extra=extra, include_encoder=bool(meta["encoder"].get("weights_included")),
-               half=True)
+               storage=storage)
     return "one model"
 
 

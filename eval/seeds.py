@@ -48,7 +48,7 @@ def main() -> None:
                 break
             path = Path(tmp) / f"{na}+{nb}.safetensors"
             try:
-                save_ensemble(path, [a, b], half=True)
+                save_ensemble(path, [a, b], storage="float16")
             except CaptionerError as e:  # e.g. members attending to different grids
                 print(f"no ensembles: {e}", flush=True)
                 break

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from captioner.decoding import _step, beam_search, beam_search_reference, greedy
-from captioner.inference import Captioner, save_ensemble
+from captioner.inference import Captioner, load_model, save_ensemble
 from captioner.model import DecoderConfig, Ensemble, ShowAndTell
 from captioner.train import TrainConfig, train
 from captioner.vocab import Vocabulary
@@ -107,6 +107,19 @@ def test_bundle_script_and_refusals(runs, tmp_path, capsys):
     r = subprocess.run([sys.executable, bundle, *map(str, ckpts), "--out", tmp_path / "b.safetensors"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, bundle, *map(str, ckpts), "--out", tmp_path / "b8.safetensors",
+                        "--storage", "int8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
+    # int8: each matrix row within half a step (its largest magnitude / 254) of the float32 original
+    save_ensemble(tmp_path / "e32.safetensors", ckpts)
+    (d32, _, _, _), (d8, _, _, meta) = load_model(tmp_path / "e32.safetensors"), load_model(tmp_path / "b8.safetensors")
+    assert meta["storage"] == "int8"
+    for (k, w), w8 in zip(d32.state_dict().items(), d8.state_dict().values()):
+        bound = w.abs().amax(-1, keepdim=True) / 254 * 1.001 + 1e-6 if w.dim() == 2 else w.abs() / 1000 + 1e-6
+        assert ((w8 - w).abs() <= bound).all(), k
+    sizes = {n: (tmp_path / f"{n}.safetensors").stat().st_size for n in ("e32", "b", "b8")}
+    assert sizes["b8"] < 0.6 * sizes["b"] and sizes["b"] < 0.55 * sizes["e32"], sizes  # metadata takes the rest
+    assert all(Captioner.load(tmp_path / "b8.safetensors").caption(sorted(data.glob("img*.jpg"))[:2]))
     # a run on other data has another vocabulary
     other = make_tiny_dataset(tmp_path / "other", extra_rows=("img0.jpg,a zebra zebra photo,train",))
     cfg = TrainConfig(data=str(other / "caps.csv"), out=str(tmp_path / "o"), cache_dir=str(data / "cache"),

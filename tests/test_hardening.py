@@ -364,6 +364,8 @@ def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
     ("no vocabulary", "checkpoint metadata is incomplete or malformed"),
     ("negative regions", "checkpoint metadata is incomplete or malformed (ValueError: bad attention settings"),
     ("regions that do not divide the features", "1280-d features do not split into 7 equal vectors"),
+    ("int8 weights without their scales", "int8 weights decoder.out.weight come without their scale"),
+    ("int8 scales without their weights", "int8 scale decoder.out.weight.int8_scale has no matching int8 matrix"),
 ])
 def test_inconsistent_checkpoint_metadata(capfd, tiny, tiny_run, tmp_path, monkeypatch, case, needle):
     def edit(t, m):
@@ -382,6 +384,10 @@ def test_inconsistent_checkpoint_metadata(capfd, tiny, tiny_run, tmp_path, monke
             m["decoder"]["regions"] = 6
         elif case == "vocab size differs from config":
             m["vocab"].append("zebra")
+        elif case == "int8 weights without their scales":
+            t["decoder.out.weight"] = t["decoder.out.weight"].to(torch.int8)
+        elif case == "int8 scales without their weights":
+            t["decoder.out.weight.int8_scale"] = torch.ones(t["decoder.out.weight"].shape[0], 1)
         else:
             del m["vocab"]
     ckpt = _edit_checkpoint(tiny_run / "best.safetensors", tmp_path / "edited.safetensors", edit)

@@ -20,9 +20,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="best.safetensors of a run (or the run folder); several = ensemble")
     p.add_argument("--out", default=str(BUNDLED_MODEL), help="where to write (default: the package's bundled model)")
+    p.add_argument("--storage", choices=("float16", "int8"), default="float16",
+                   help="float16 (default), or int8: each weight matrix's rows scaled to 8-bit integers, about half "
+                        "the float16 file; eval/RESULTS.md scores both")
     args = p.parse_args()
     try:
-        what = bundle(args.out, args.checkpoints)
+        what = bundle(args.out, args.checkpoints, storage=args.storage)
     except CaptionerError as e:
         sys.exit(f"bundle: {e}")
     print(f"wrote {args.out} ({what}, {Path(args.out).stat().st_size / 1e6:.1f} MB)")
