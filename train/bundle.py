@@ -1,12 +1,12 @@
-"""Turn training runs' best checkpoints into the bundled model (float16 weights, same metadata).
+"""Turn training runs' best checkpoints into the bundled model (float16 or int8 weights, same metadata).
 
     python train/bundle.py runs/f8k/best.safetensors                      # one model
     python train/bundle.py runs/s0/best.safetensors runs/s1/best.safetensors  # an ensemble of two
 
 Several checkpoints (same data, vocabulary and encoder; different seeds) become one ensemble that
 averages their next-word probabilities. float16 halves the file (the package ships it) and changes
-captions only where two words were within float16 rounding of each other; eval/RESULTS.md scores the
-bundled file itself.
+captions only where two words were within float16 rounding of each other; --storage int8 halves it
+again (each matrix row scaled to 8-bit integers). eval/RESULTS.md scores the bundled file itself.
 """
 import argparse
 import sys
