@@ -38,15 +38,16 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     # the seeds really differ, so the ensemble has two different voices
     a, b = (Captioner.load(out / f"xe-s{s}").decoder.state_dict()["out.weight"] for s in (0, 1))
     assert not a.equal(b)
-    # again, keeping the best seed alone: everything finished is kept, nothing retrained
-    (tmp_path / "r.json").write_text(json.dumps({**cfg, "keep": "best"}))
+    # again, keeping the best seed alone in int8: everything finished is kept, nothing retrained
+    (tmp_path / "r.json").write_text(json.dumps({**cfg, "keep": "best", "storage": "int8"}))
     r = _recipe(tmp_path / "r.json")
     assert r.returncode == 0 and r.stdout.count("finished earlier, kept") == 4, r.stdout + r.stderr
     again = json.loads((out / "recipe.json").read_text())
     assert len(again["invocations"]) == 2 and again["invocations"][0] == report["invocations"][0]
     best = max(again["dev_per_seed"], key=lambda s: again["dev_per_seed"][s]["BLEU-4"])
-    assert again["kept_seeds"] == [int(best)]
-    assert not isinstance(Captioner.load(out / "model.safetensors").decoder, Ensemble)
+    assert again["kept_seeds"] == [int(best)] and (report["storage"], again["storage"]) == ("float16", "int8")
+    cap = Captioner.load(out / "model.safetensors")
+    assert not isinstance(cap.decoder, Ensemble) and cap.meta["storage"] == "int8"
 
 
 def test_recipe_failure_is_one_line(tmp_path):
@@ -64,6 +65,9 @@ def test_recipe_failure_is_one_line(tmp_path):
     (tmp_path / "keep.json").write_text('{"data": "x", "keep": "all"}')
     r = _recipe(tmp_path / "keep.json")
     assert r.returncode != 0 and '"keep"' in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "storage.json").write_text('{"data": "x", "storage": "int4"}')
+    r = _recipe(tmp_path / "storage.json")
+    assert r.returncode != 0 and '"storage"' in r.stderr and "Traceback" not in r.stderr
 
 
 def test_shipped_recipes_are_valid(monkeypatch):

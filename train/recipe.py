@@ -1,6 +1,7 @@
 """The bundled model's whole recipe in one command: encoder features once, one cross-entropy run per seed
-side by side (one core each), SCST on each, every seed scored on dev, then the runs bundled as one float16
-file (an ensemble of all seeds, or with "keep": "best" the best seed alone) and that file scored on dev.
+side by side (one core each), SCST on each, every seed scored on dev, then the runs bundled as one file
+(an ensemble of all seeds, or with "keep": "best" the best seed alone; float16 weights, or with
+"storage": "int8" 8-bit ones at half the size) and that file scored on dev.
 
     python train/recipe.py train/flickr8k.json             # everything under the config's "out"
     python train/recipe.py train/flickr8k.json --install   # then make it the package's bundled model
@@ -67,6 +68,9 @@ class Recipe:
         self.keep = conf.get("keep", "ensemble")
         if self.keep not in ("ensemble", "best"):
             raise CaptionerError(f'"keep" in {config} must be "ensemble" or "best", not {self.keep!r}')
+        self.storage = conf.get("storage", "float16")
+        if self.storage not in ("float16", "int8"):
+            raise CaptionerError(f'"storage" in {config} must be "float16" or "int8", not {self.storage!r}')
         unknown = set(self.scst) - set(SCST_FLAGS)
         if unknown:
             raise CaptionerError(f"unknown scst option(s) in {config}: {', '.join(sorted(unknown))}")
@@ -174,11 +178,12 @@ class Recipe:
             kept = [max(self.seeds, key=lambda s: per_seed[s]["BLEU-4"])]
         else:
             kept = self.seeds
-        what = bundle(self.out / "model.safetensors", [runs[s] for s in kept])
+        what = bundle(self.out / "model.safetensors", [runs[s] for s in kept], storage=self.storage)
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
         res = score(self.out / "model.safetensors", "eval-dev")
         decoding = {k: res["settings"][k] for k in ("beam_size", "length_penalty", "precision")}
-        return {"metrics": res["metrics"], "per_seed": per_seed, "kept": kept, "decoding": decoding}
+        return {"metrics": res["metrics"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
+                "decoding": decoding}
 
     def run(self, install: bool) -> None:
         t0 = time.time()
@@ -194,7 +199,7 @@ class Recipe:
         report = {"config": str(self.config), "seeds": self.seeds, "seconds": self.seconds,
                   "peak_rss_mb_all_processes": round(self.peak_mb), "model_mb": round(size, 1),
                   "dev": result["metrics"], "dev_per_seed": result["per_seed"], "kept_seeds": result["kept"],
-                  "decoding": result["decoding"],
+                  "storage": result["storage"], "decoding": result["decoding"],
                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
         # A continued recipe keeps the earlier invocations' figures: their sum is the recipe's cost.
         history = self.out / "recipe.json"
