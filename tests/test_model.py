@@ -203,3 +203,24 @@ def test_unrolled_lstm_equals_nn_lstm_and_scheduled_sampling_feeds_own_words():
         torch.testing.assert_close(m.eval()(feats, caps, lens, sample_prob=0.9)[0], forced)
     with pytest.raises(ValueError, match="one-layer"):
         _attending(layers=2).train()(feats, caps, lens, sample_prob=0.5)
+
+
+@pytest.mark.parametrize("layers, feed", [(1, False), (2, False), (1, True)])
+def test_image_step_equals_nn_lstm_from_a_zero_state(layers, feed):
+    """init_state computes the image step itself (an nn.LSTM call costs ~5 ms on CPU for one row); it must
+    be nn.LSTM's function, in eval mode and in training (where two layers keep nn.LSTM for its dropout)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    m = ShowAndTell(DecoderConfig(20, feature_dim=5 * 8, embed_dim=12, hidden_dim=16, num_layers=layers,
+                                  regions=4 if feed else 0, att_feed=feed, dropout=0.0))
+    feats = torch.randn(3, 5 * 8)
+    for mode in (False, True):
+        m.train(mode)
+        image = F.pad(m.embed_image(feats), (0, m.feed_dim)).unsqueeze(1)
+        _, (h, c) = m.lstm(image)
+        state = m.init_state(feats)
+        torch.testing.assert_close(state[0], h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[1], c, rtol=1e-5, atol=1e-6)
+        state[0].sum().backward()  # SCST samples from it with gradients
+        assert m.lstm.weight_ih_l0.grad is not None
+        m.zero_grad()
