@@ -92,20 +92,15 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
         gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
     if model.feed_dim:
         gates += torch.mm(model.context(h[-1], state[2]).to(w_feed.dtype), w_feed.t()).to(h.dtype)
-    x, c0 = lstm_update(gates, c[0])
-    hs, cs = [x], [c0]
-    for layer in range(1, lstm.num_layers):
-        x, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *(getattr(lstm, f"{n}_l{layer}") for n in
-                                                           ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
-        hs.append(x)
-        cs.append(c_l)
+    hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
+    x = hs[-1]
     if model.cfg.regions:
         x = model.attend(x, state[2])
     if full:
         logits = torch.addmm(model.out.bias, x, w_out.t())
     else:
         logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias
-    return torch.log_softmax(logits, dim=-1), (torch.stack(hs), torch.stack(cs), *state[2:])
+    return torch.log_softmax(logits, dim=-1), (hs, cs, *state[2:])
 
 
 def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:

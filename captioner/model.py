@@ -203,16 +203,22 @@ class ShowAndTell(nn.Module):
         if self.training and lstm.num_layers > 1:  # keep nn.LSTM's dropout between layers
             _, state = lstm(image.unsqueeze(1))
         else:  # the same step from a zero state without an nn.LSTM call, which costs ~5 ms on CPU for one row
-            zeros = image.new_zeros(image.shape[0], lstm.hidden_size)
-            x, c = lstm_update(F.linear(image, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0), zeros)
-            hs, cs = [x], [c]
-            for layer in range(1, lstm.num_layers):
-                x, c = torch.lstm_cell(x, (zeros, zeros), *(getattr(lstm, f"{n}_l{layer}") for n in
-                                                           ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
-                hs.append(x)
-                cs.append(c)
-            state = (torch.stack(hs), torch.stack(cs))
+            first = F.linear(image, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
+            state = self.upper_layers(*lstm_update(first, torch.zeros_like(first[:, :lstm.hidden_size])))
         return (*state, self.memory(features)) if self.cfg.regions else state
+
+    def upper_layers(self, h0: torch.Tensor, c0: torch.Tensor,
+                     state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the LSTM's layers after the first, whose new (h0, c0) the caller computed itself;
+        from `state`'s (h, c) [layers, N, H], or from zeros. Returns every layer's (h, c), stacked."""
+        hs, cs, x = [h0], [c0], h0
+        for layer in range(1, self.lstm.num_layers):
+            prev = (state[0][layer], state[1][layer]) if state is not None else (torch.zeros_like(x),) * 2
+            x, c = torch.lstm_cell(x, prev, *(getattr(self.lstm, f"{n}_l{layer}") for n in
+                                              ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+            hs.append(x)
+            cs.append(c)
+        return torch.stack(hs), torch.stack(cs)
 
     def readout(self, hidden: torch.Tensor, state: State) -> torch.Tensor:
         """Next-word logits from the top layer's output [N, H]."""
