@@ -90,13 +90,13 @@ POOLS = {pool: 1 + g * g for pool, g in GRIDS.items()}
 
 def attended_regions(pool: str) -> int:
     """How many region vectors the decoder attends over for features pooled this way."""
-    return POOLS[pool] - 1 if pool.startswith("regions") else 0
+    return GRIDS.get(pool, 0) ** 2 if pool.startswith("regions") else 0
 
 
 def align_view(features: torch.Tensor, pool: str, pre: Preprocess) -> torch.Tensor:
     """A mirrored view's features with its region grid mirrored back, so that averaging views averages
     each region with itself (--views); other pools and views are returned as they are."""
-    if not pool.startswith("regions") or not pre.hflip:
+    if not attended_regions(pool) or not pre.hflip:
         return features
     split, g = features.shape[-1] // POOLS[pool], GRIDS[pool]  # [global | g x g cells, row-major]
     cells = features[..., split:].unflatten(-1, (g, g, -1)).flip(-2).flatten(-3)

@@ -17,6 +17,7 @@ from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0.safetensors"
+BUNDLE_STORAGES = ("float16", "int8")  # what a file to ship may use (checkpoint.STORAGES less float32)
 
 
 @dataclass

@@ -106,7 +106,7 @@ class TrainConfig:
         checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
                   (0 <= self.att_dropout < 1, "attention dropout must be in [0, 1)"),
-                  (not self.att_feed or (self.pool.startswith("regions") and self.num_layers == 1),
+                  (not self.att_feed or (attended_regions(self.pool) > 0 and self.num_layers == 1),
                    "att_feed needs pool \"regions\" and one LSTM layer"),
                   (self.select in SELECT, f"select must be one of {', '.join(SELECT)}, got {self.select!r}"),
                   (self.min_count >= 1, "min count must be >= 1"), (self.max_len >= 2, "max length must be >= 2"),

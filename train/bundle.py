@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.inference import BUNDLED_MODEL, bundle
+from captioner.inference import BUNDLE_STORAGES, BUNDLED_MODEL, bundle
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="best.safetensors of a run (or the run folder); several = ensemble")
     p.add_argument("--out", default=str(BUNDLED_MODEL), help="where to write (default: the package's bundled model)")
-    p.add_argument("--storage", choices=("float16", "int8"), default="float16",
+    p.add_argument("--storage", choices=BUNDLE_STORAGES, default="float16",
                    help="float16 (default), or int8: each weight matrix's rows scaled to 8-bit integers, about half "
                         "the float16 file; eval/RESULTS.md scores both")
     args = p.parse_args()

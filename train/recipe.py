@@ -25,6 +25,7 @@ from pathlib import Path
 
 from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
 from captioner.errors import CaptionerError
+from captioner.inference import BUNDLE_STORAGES, bundle
 from captioner.train import RECIPE_KEYS, TrainConfig
 
 SCST_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "samples": "--samples",
@@ -69,8 +70,9 @@ class Recipe:
         if self.keep not in ("ensemble", "best"):
             raise CaptionerError(f'"keep" in {config} must be "ensemble" or "best", not {self.keep!r}')
         self.storage = conf.get("storage", "float16")
-        if self.storage not in ("float16", "int8"):
-            raise CaptionerError(f'"storage" in {config} must be "float16" or "int8", not {self.storage!r}')
+        if self.storage not in BUNDLE_STORAGES:
+            raise CaptionerError(f'"storage" in {config} must be one of {", ".join(BUNDLE_STORAGES)}, '
+                                 f'not {self.storage!r}')
         unknown = set(self.scst) - set(SCST_FLAGS)
         if unknown:
             raise CaptionerError(f"unknown scst option(s) in {config}: {', '.join(sorted(unknown))}")
@@ -165,7 +167,6 @@ class Recipe:
         """Score every seed's final model on dev (the spread), then bundle: all of them as one ensemble
         ("keep": "ensemble"), or the best one alone ("keep": "best", for decoders too big to ship twice)."""
         from captioner.evaluate import evaluate
-        from captioner.inference import bundle
 
         def score(ckpt: Path, name: str) -> dict:
             return evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
