@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after-steps", type=_nonneg_int, default=d.stop_after_steps, help=argparse.SUPPRESS)
     t.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs "
-                   "without bf16); about 2x faster training steps on this CPU")
+                   "without bf16); about 2x faster training steps on CPUs with AVX512-BF16 or AMX; on other "
+                   "CPUs, which only emulate bf16, training stays float32")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     return p

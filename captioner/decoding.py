@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import bfloat16_is_native  # noqa: F401 (inference and eval/bench.py ask here)
 from .model import Decoder, Ensemble, ShowAndTell, lstm_update
 from .vocab import Vocabulary
 
@@ -19,15 +20,6 @@ class Hypothesis:
     tokens: list[int]
     logprob: float  # sum of token log-probabilities, <end> included when it was produced
     score: float  # logprob, length-normalised when asked
-
-
-def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated
-    and slower than float32, so decoding keeps float32 there."""
-    if torch.device(device).type != "cpu":
-        return False
-    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(c is not None and c() for c in checks)
 
 
 def set_precision(model: Decoder, dtype: torch.dtype) -> None:

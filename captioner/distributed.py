@@ -148,14 +148,26 @@ def ddp_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Ten
     return loss * (weight * world / global_tokens)
 
 
+def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated
+    and slower than float32, so decoding keeps float32 there."""
+    if torch.device(device).type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(c is not None and c() for c in checks)
+
+
 def autocast(device: str, enabled: bool) -> tuple[contextlib.AbstractContextManager, Any]:
     """Mixed precision for the forward pass and loss: bf16 where the device supports it, else fp16 with
-    a gradient scaler (CUDA only). Disabled: a null context and no scaler."""
+    a gradient scaler (CUDA only). Disabled, or on a CPU that only emulates bfloat16 (about 100x slower than
+    float32 there, eval/RESULTS.md): a null context and no scaler."""
     if not enabled:
         return contextlib.nullcontext(), None
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise CaptionerError(f"--amp works on cpu and cuda devices, not {device}")
+    if kind == "cpu" and not bfloat16_is_native():
+        return contextlib.nullcontext(), None
     if kind == "cuda" and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
         return torch.autocast("cuda", dtype=torch.float16), scaler
