@@ -12,6 +12,10 @@ The recipe on COCO (train/coco.json) was costed from CPU figures only; this time
 3. SCST's model side per batch (captioner.scst.sample and policy_step: 32 images x 5 sampled captions, then
    the policy-gradient step); the CIDEr-D reward runs on the CPU and is timed by eval/cider_cost.py
 4. batched beam search (beam 3, the shipped decoding) of 5000 images, against one image at a time
+5. the recipe's own step as train() runs it on a GPU (coco.json's pooling, its six views' feature table
+   kept on the device in float16 and widened per batch, bf16 autocast), against global average pooling in
+   the same process; with --barrier DIR --parties N, N copies of the script start timing together, as the
+   recipe trains its seeds side by side on one GPU
 
 Caption lengths and words are COCO's own (captions_val2017.json, tokenized as training does), repeated to
 COCO train's size; the image features of section 1 are random (the cost does not depend on them), those
@@ -19,6 +23,7 @@ of sections 3-4 are the encoder's, of real COCO images, decoded by the bundled m
 
     python eval/gpu_bench.py --coco ../shared/data/coco-val2017-mini
     python eval/gpu_bench.py --coco ../shared/data/coco-val2017-mini --device cpu --scale 0.002   # smoke run
+    python eval/gpu_bench.py --coco C --only 5 --pools regions --barrier /tmp/b --parties 2 &   # twice: side by side
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference  # noqa: E402
 from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY  # noqa: E402
 from captioner.distributed import autocast, features_on_device, to_device  # noqa: E402
-from captioner.encoders import create_encoder  # noqa: E402
+from captioner.encoders import POOLS, attended_regions, create_encoder  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, load_model  # noqa: E402
 from captioner.model import DecoderConfig, ShowAndTell  # noqa: E402
@@ -165,6 +170,72 @@ def section_epoch(args, caps: list[list[int]]) -> None:
     print(f"   10 epochs, 2 seeds one after the other: {2 * 10 * epoch_s / 60:.1f} min", flush=True)
 
 
+def barrier(args, tag: str) -> None:
+    """Wait until --parties copies of this script reach the same point (files in --barrier)."""
+    if not args.barrier:
+        return
+    folder = Path(args.barrier)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{tag}.{os.getpid()}").touch()
+    t = time.time()
+    while len(list(folder.glob(f"{tag}.*"))) < args.parties:
+        if time.time() - t > 300:
+            raise RuntimeError(f"barrier {tag}: the other copies never arrived")
+        time.sleep(0.01)
+
+
+def section_step(args, caps: list[list[int]]) -> None:
+    dev, B = args.device, RECIPE["batch_size"]
+    views = 1 + RECIPE.get("flip_augment", False) + 4 * RECIPE.get("crop_augment", False)
+    n_caps, n_img = max(B, int(COCO_CAPTIONS * args.scale)), max(B, int(COCO_IMAGES * args.scale))
+    steps, n = math.ceil(n_caps / B), min(args.steps, math.ceil(n_caps / B))
+    g = torch.Generator().manual_seed(0)
+    rows_of = torch.randint(0, n_img * views, (n_caps,), generator=g).tolist()  # a caption's view drawn at random
+    cap_of = [caps[i % len(caps)] for i in range(n_caps)]
+    order = torch.randperm(n_caps, generator=g).tolist()
+    print(f"\n5. the recipe's step (train() on a GPU): {n_img:,} images x {views} views in a float16 table on the "
+          f"device, batch {B}, {n:,} of an epoch's {steps:,} steps timed; pid {os.getpid()}", flush=True)
+    ms = {}
+    for pool in args.pools:
+        dim = 1280 * POOLS[pool]
+        free = torch.cuda.mem_get_info()[0] if dev.startswith("cuda") else 0
+        table = torch.randn(n_img * views, dim, device=dev, dtype=torch.float16)
+        size = table.numel() * 2
+        kept = "kept on the device (under half the free memory)" if not dev.startswith("cuda") or size < free // 2 \
+            else "over half the free memory: train() would keep it on the host"
+        torch.manual_seed(0)
+        model = ShowAndTell(DecoderConfig(COCO_VOCAB, dim, RECIPE["embed_dim"], RECIPE["hidden_dim"], RECIPE["num_layers"],
+                                          RECIPE["dropout"], attended_regions(pool),
+                                          att_dropout=RECIPE.get("att_dropout", 0.5))).to(dev).train()
+        params = list(model.parameters())
+        optim = torch.optim.AdamW(params, lr=RECIPE["lr"])
+        amp, scaler = autocast(dev, RECIPE["amp"])
+
+        def step(b: int) -> None:  # as train()'s loop: feature_batch, model.loss, optimizer_step, loss.item()
+            idx = order[(b % steps) * B:(b % steps + 1) * B]
+            c, lens = _pad([cap_of[i] for i in idx])
+            with amp:
+                f = table[[rows_of[i] for i in idx]].float()
+                loss = model.loss(f, to_device(c, dev), lens)
+            optimizer_step(loss, optim, params, scaler, RECIPE["grad_clip"])
+            loss.item()
+        for b in range(min(10, n)):  # warm-up
+            step(b)
+        barrier(args, pool)
+        t0 = time.time()
+        s = clock(dev, lambda: [step(10 + b) for b in range(n)])
+        ms[pool] = s / n * 1e3
+        print(f"   pool {pool} ({dim:,}-d rows, table {size / 2**30:.1f} GiB, {kept}; {free / 2**30:.1f} GiB were free): "
+              f"{ms[pool]:.2f} ms a step -> {ms[pool] * steps / 1e3:.1f} s an epoch, 10 epochs {ms[pool] * steps / 6e4:.1f} min "
+              f"(timed {time.strftime('%H:%M:%S', time.localtime(t0))}-{time.strftime('%H:%M:%S')})", flush=True)
+        del table, model, optim, params
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if len(ms) > 1:
+        base = next(iter(ms))
+        print("   " + ", ".join(f"{p} {ms[p] / ms[base]:.2f}x {base}" for p in ms if p != base), flush=True)
+
+
 def section_features(args, images: list[Path]) -> torch.Tensor:
     dev = args.device
     encoder = create_encoder().to(dev).eval()
@@ -256,7 +327,11 @@ def main() -> int:
     p.add_argument("--scst-batches", type=int, default=100)
     p.add_argument("--ref-images", type=int, default=100)
     p.add_argument("--profile", type=int, default=0, help="steps of section 1 to profile (torch.profiler tables)")
-    p.add_argument("--only", default="1,2,3,4")
+    p.add_argument("--only", default="1,2,3,4", help="sections to run; 5 (the recipe's step) runs only when named")
+    p.add_argument("--pools", nargs="+", default=["avg", RECIPE["pool"]], choices=list(POOLS), help="section 5's poolings")
+    p.add_argument("--steps", type=int, default=1500, help="section 5's timed steps")
+    p.add_argument("--barrier", default="", help="section 5: a folder where --parties copies meet before timing")
+    p.add_argument("--parties", type=int, default=1)
     args = p.parse_args()
     dev = args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -271,7 +346,8 @@ def main() -> int:
     only = {int(s) for s in args.only.split(",")}
     failed = 0
     feats = None
-    for k, fn in [(1, lambda: section_epoch(args, caps)), (2, lambda: section_features(args, images))]:
+    for k, fn in [(1, lambda: section_epoch(args, caps)), (2, lambda: section_features(args, images)),
+                  (5, lambda: section_step(args, caps))]:
         if k in only:
             try:
                 out = fn()
