@@ -159,8 +159,8 @@ def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
 
 def autocast(device: str, enabled: bool) -> tuple[contextlib.AbstractContextManager, Any]:
     """Mixed precision for the forward pass and loss: bf16 where the device supports it, else fp16 with
-    a gradient scaler (CUDA only). Disabled, or on a CPU that only emulates bfloat16 (about 100x slower than
-    float32 there, eval/RESULTS.md): a null context and no scaler."""
+    a gradient scaler (CUDA only). Disabled, or on a CPU that only emulates bfloat16 (a training step about 20x
+    slower than float32 there, eval/amp_cost.py): a null context and no scaler."""
     if not enabled:
         return contextlib.nullcontext(), None
     kind = torch.device(device).type

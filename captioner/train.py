@@ -395,8 +395,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     enc_fwd = dctx.wrap(encoder, cfg.device) if fine_tune else encoder
     amp, scaler = autocast(cfg.device, cfg.amp)  # a null context and no scaler unless --amp
     if cfg.amp and torch.device(cfg.device).type == "cpu" and not bfloat16_is_native():
-        log("--amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX) and would emulate it about 100x "
-            "slower than float32, so training runs in float32")
+        log("--amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX) and would emulate it, about 20x "
+            "slower than float32 a step, so training runs in float32")
 
     def save_state() -> None:
         if not dctx.is_main:
