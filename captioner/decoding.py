@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import bfloat16_is_native  # noqa: F401 (inference and eval/bench.py ask here)
 from .model import Decoder, Ensemble, ShowAndTell, lstm_update
 from .vocab import Vocabulary
 

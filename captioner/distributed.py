@@ -150,7 +150,7 @@ def ddp_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Ten
 
 def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
     """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated
-    and slower than float32, so decoding keeps float32 there."""
+    and slower than float32, so decoding ("auto") and `autocast` keep float32 there."""
     if torch.device(device).type != "cpu":
         return False
     checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -189,9 +189,14 @@ def features_on_device(feats: torch.Tensor, device: str, log=print) -> torch.Ten
     """
     if not device.startswith("cuda"):
         return feats
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
     size = feats.numel() * feats.element_size()
-    if size > free // 2:
+    if not fits_on_device(size, device):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
         log(f"features ({size / 2**30:.1f} GiB) stay in host memory: {free / 2**30:.1f} GiB free on {device}")
         return feats
     return feats.to(device)
+
+
+def fits_on_device(nbytes: int, device: str) -> bool:
+    """`features_on_device`'s rule: a table goes to the GPU when it takes under half the free memory."""
+    return nbytes <= torch.cuda.mem_get_info(torch.device(device))[0] // 2

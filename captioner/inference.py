@@ -8,7 +8,8 @@ from typing import Iterable, Sequence
 import torch
 
 from .checkpoint import first_problem, load_tensors, pack_weights, save_tensors, unpack_weights
-from .decoding import Hypothesis, beam_search, bfloat16_is_native, greedy, set_precision
+from .decoding import Hypothesis, beam_search, greedy, set_precision
+from .distributed import bfloat16_is_native
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
 from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
 from .errors import CaptionerError

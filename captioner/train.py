@@ -21,7 +21,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
                          remove_stale_temp_files, save_tensors)
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
-from .distributed import autocast, bfloat16_is_native, ddp_loss, features_on_device, setup as dist_setup, to_device
+from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
 from .encoders import CROPS, DEFAULT_ENCODER, Encoder, attended_regions, create_encoder
 from .errors import CaptionerError
 from .features import FeatureRows, FeatureSet, extract_features
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     ddp = dctx.wrap(model, cfg.device)  # the model itself with one process
     enc_fwd = dctx.wrap(encoder, cfg.device) if fine_tune else encoder
     amp, scaler = autocast(cfg.device, cfg.amp)  # a null context and no scaler unless --amp
-    if cfg.amp and torch.device(cfg.device).type == "cpu" and not bfloat16_is_native():
+    if cfg.amp and not isinstance(amp, torch.autocast):  # autocast's one fallback: a CPU that emulates bf16
         log("--amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX) and would emulate it, about 20x "
             "slower than float32 a step, so training runs in float32")
 

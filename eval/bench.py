@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from captioner.data import load_dataset  # noqa: E402
-from captioner.decoding import beam_search, beam_search_reference, bfloat16_is_native, set_precision  # noqa: E402
+from captioner.decoding import beam_search, beam_search_reference, set_precision  # noqa: E402
+from captioner.distributed import bfloat16_is_native  # noqa: E402
 from captioner.encoders import attended_regions, create_encoder  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402

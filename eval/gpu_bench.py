@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from captioner.decoding import beam_search, beam_search_reference  # noqa: E402
 from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY  # noqa: E402
-from captioner.distributed import autocast, features_on_device, to_device  # noqa: E402
+from captioner.distributed import autocast, features_on_device, fits_on_device, to_device  # noqa: E402
 from captioner.encoders import POOLS, attended_regions, create_encoder  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, load_model  # noqa: E402
@@ -71,6 +71,14 @@ def clock(device: str, fn) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t
+
+
+def recipe_decoder(pool: str, device: str) -> ShowAndTell:
+    """coco.json's decoder for features pooled this way, with a COCO-sized vocabulary, in training mode."""
+    torch.manual_seed(0)
+    return ShowAndTell(DecoderConfig(COCO_VOCAB, 1280 * POOLS[pool], RECIPE["embed_dim"], RECIPE["hidden_dim"],
+                                     RECIPE["num_layers"], RECIPE["dropout"], attended_regions(pool),
+                                     att_dropout=RECIPE.get("att_dropout", 0.5))).to(device).train()
 
 
 def coco_captions(coco: Path, max_len: int) -> tuple[list[list[int]], int]:
@@ -99,9 +107,7 @@ def section_epoch(args, caps: list[list[int]]) -> None:
           f"tokens", flush=True)
 
     def make(amp_on: bool):
-        torch.manual_seed(0)
-        model = ShowAndTell(DecoderConfig(COCO_VOCAB, 1280, RECIPE["embed_dim"], RECIPE["hidden_dim"],
-                                          RECIPE["num_layers"], RECIPE["dropout"])).to(dev).train()
+        model = recipe_decoder("avg", dev)
         params = list(model.parameters())
         optim = torch.optim.AdamW(params, lr=RECIPE["lr"])
         amp, scaler = autocast(dev, amp_on)
@@ -198,15 +204,13 @@ def section_step(args, caps: list[list[int]]) -> None:
     ms = {}
     for pool in args.pools:
         dim = 1280 * POOLS[pool]
-        free = torch.cuda.mem_get_info()[0] if dev.startswith("cuda") else 0
-        table = torch.randn(n_img * views, dim, device=dev, dtype=torch.float16)
-        size = table.numel() * 2
-        kept = "kept on the device (under half the free memory)" if not dev.startswith("cuda") or size < free // 2 \
+        size = n_img * views * dim * 2  # float16
+        cuda = dev.startswith("cuda")
+        free = torch.cuda.mem_get_info()[0] if cuda else 0
+        kept = "kept on the device (under half the free memory)" if not cuda or fits_on_device(size, dev) \
             else "over half the free memory: train() would keep it on the host"
-        torch.manual_seed(0)
-        model = ShowAndTell(DecoderConfig(COCO_VOCAB, dim, RECIPE["embed_dim"], RECIPE["hidden_dim"], RECIPE["num_layers"],
-                                          RECIPE["dropout"], attended_regions(pool),
-                                          att_dropout=RECIPE.get("att_dropout", 0.5))).to(dev).train()
+        table = torch.randn(n_img * views, dim, device=dev, dtype=torch.float16)
+        model = recipe_decoder(pool, dev)
         params = list(model.parameters())
         optim = torch.optim.AdamW(params, lr=RECIPE["lr"])
         amp, scaler = autocast(dev, RECIPE["amp"])

@@ -77,7 +77,7 @@ def test_captioner_api_batches_and_n_best(photos):
 
 
 def test_precision_is_chosen_by_the_hardware_and_can_be_forced():
-    from captioner.decoding import bfloat16_is_native
+    from captioner.distributed import bfloat16_is_native
     from captioner.errors import CaptionerError
     assert Captioner.load().precision == ("bfloat16" if bfloat16_is_native() else "float32")
     assert Captioner.load(precision="float32").precision == "float32"

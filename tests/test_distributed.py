@@ -107,11 +107,6 @@ def test_two_processes_give_the_one_process_loss_curve(tiny, tmp_path):
     assert not list((tmp_path / "two").glob(".*.tmp"))
 
 
-def _bf16_native(monkeypatch, native: bool) -> None:
-    for module in ("captioner.distributed", "captioner.train"):
-        monkeypatch.setattr(f"{module}.bfloat16_is_native", lambda device="cpu": native)
-
-
 @pytest.mark.skipif(not bfloat16_is_native(), reason="this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX): "
                     "oneDNN refuses a bfloat16 LSTM here, and --amp trains in float32 (the test below)")
 def test_amp_bf16_autocast_trains_on_cpu(tiny, tmp_path):
@@ -131,7 +126,7 @@ def test_amp_bf16_autocast_trains_on_cpu(tiny, tmp_path):
 
 def test_amp_trains_in_float32_where_the_cpu_only_emulates_bfloat16(tiny, tmp_path, monkeypatch, capsys):
     """Emulated bfloat16 made the recipe's training step 21-24x slower than float32 on an AVX2-only CPU."""
-    _bf16_native(monkeypatch, False)
+    monkeypatch.setattr("captioner.distributed.bfloat16_is_native", lambda device="cpu": False)
     ctx, scaler = autocast("cpu", True)
     assert scaler is None and not isinstance(ctx, torch.autocast)
     base = dict(data=str(tiny / "caps.csv"), cache_dir=str(tiny / "cache"), **{**TINY, "epochs": 1})
