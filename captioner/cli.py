@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
     t.add_argument("--fine-tune-blocks", type=_nonneg_int, default=d.fine_tune_blocks,
-                   help="also train the encoder's last N stages (images then run through the CNN each step)")
+                   help="also train the encoder's last N stages: the maps below them are cached once per view, "
+                        "and the checkpoint carries the N stages' weights")
     t.add_argument("--image-size", type=_nonneg_int, default=d.image_size,
                    help="square input size for the encoder (default 0: its own, 224 for efficientnet_lite0)")
     t.add_argument("--pool", choices=list(POOLS), default=d.pool,

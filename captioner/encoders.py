@@ -109,14 +109,22 @@ def average_views(features: Sequence[torch.Tensor], pool: str, views: Sequence[P
 
 
 class Encoder(nn.Module):
-    """Backbone + pooling (POOLS); `stages` lists its top-level blocks, input to output."""
+    """Backbone + pooling (POOLS); `stages` lists its top-level blocks, input to output.
+
+    `steps` are callables whose composition is the feature map, and stage i starts at `steps[stage_steps[i]]`,
+    so the map can be cut below the last n stages (`trunk`, `top`): fine-tuning those stages then trains
+    from the frozen trunk's output, cached once, instead of running the whole CNN at every step.
+    """
 
     def __init__(self, name: str, features: nn.Module, stages: list[nn.Module], dim: int, preprocess: Preprocess,
-                 classifier: nn.Module | None = None):
+                 classifier: nn.Module | None = None, steps: list[Callable] | None = None,
+                 stage_steps: list[int] | None = None):
         super().__init__()
         self.name, self.channels, self.preprocess, self.pool = name, dim, preprocess, "avg"
         self.features = features
         self.stages = stages  # plain list: the modules are already registered under `features`
+        self.steps, self.stage_steps = steps or [], stage_steps or []
+        self.tuned = 0  # how many top stages were fine-tuned: their weights travel in the checkpoint
         self._classifier = [classifier]  # a list, so its weights stay out of state_dict (lite0 shares them)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,13 +134,52 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return self.channels * POOLS[self.pool]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_map(x)
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
         pooled = fmap.mean((2, 3))
         if GRIDS[self.pool]:  # [global | row-major cells]: grid's 2x2 quadrants, or the regions' grid
             cells = F.adaptive_avg_pool2d(fmap, GRIDS[self.pool]).flatten(2).transpose(1, 2).flatten(1)
             return torch.cat([pooled, cells], 1)
         return pooled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool_map(self.feature_map(x))
+
+    def _cut(self, n: int) -> int:
+        if not self.steps or not 0 < n <= len(self.stages):
+            raise CaptionerError(f"{self.name} cannot be cut below its last {n} stages (it has {len(self.stages)})")
+        return self.stage_steps[-n]
+
+    def trunk(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The map that enters the last `n` stages."""
+        for step in self.steps[: self._cut(n)]:
+            x = step(x)
+        return x
+
+    def top(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        """Pooled features from `trunk(x, n)`: `top(trunk(x, n), n) == forward(x)`."""
+        for step in self.steps[self._cut(n):]:
+            h = step(h)
+        return self.pool_map(h)
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of the fine-tuned stages (all of them for a checkpoint that shipped the whole CNN)."""
+        if not self.tuned:
+            return {}
+        if self.tuned >= len(self.stages):
+            return dict(self.state_dict(keep_vars=True))
+        mine = {id(t) for stage in self.stages[-self.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in mine}
+
+    def weights_tag(self) -> str:
+        """Part of the feature cache's key: a digest of the fine-tuned weights ("" for pretrained ones)."""
+        if not self.tuned:
+            return ""
+        import hashlib
+        h = hashlib.sha256()
+        for k, v in sorted(self.tuned_state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return f"tuned{self.tuned}-{h.hexdigest()[:16]}"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet class scores, to check that pretrained weights really loaded."""
@@ -143,6 +190,7 @@ class Encoder(nn.Module):
 
     def freeze(self, trainable_stages: int = 0) -> None:
         """Freeze all but the last `trainable_stages` stages (for fine-tuning the top of the CNN)."""
+        self.tuned = trainable_stages
         for p in self.parameters():
             p.requires_grad_(False)
         if trainable_stages > 0:
@@ -159,6 +207,24 @@ class Encoder(nn.Module):
                     stage.train(True)
         self.training = mode
         return self
+
+
+class Trunk(nn.Module):
+    """An encoder's frozen part below its last `n` stages, with the interface extract_features uses: its
+    flattened maps are cached once per view, and fine-tuning runs only `encoder.top` on them."""
+
+    def __init__(self, encoder: Encoder, n: int):
+        super().__init__()
+        self.encoder, self.n, self.preprocess = encoder, n, encoder.preprocess
+        self.name = f"{encoder.name}-below-{n}"  # its own cache key
+        size = encoder.preprocess.size
+        with torch.no_grad():
+            x = torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device)
+            self.shape = tuple(encoder.trunk(x, n).shape[1:])
+        self.dim = int(np.prod(self.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.trunk(x, self.n).flatten(1)
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -229,7 +295,8 @@ def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Encoder]:
         stages = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
         # Official EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
         pre = Preprocess(net.image_size, (127 / 255,) * 3, (128 / 255,) * 3)
-        return Encoder(name, _LiteFeatures(net), stages, net.num_features, pre, classifier=net._fc)
+        return Encoder(name, _LiteFeatures(net), stages, net.num_features, pre, classifier=net._fc,
+                       steps=[net.stem, *net._blocks, net.head], stage_steps=list(range(len(stages))))
     return build
 
 
@@ -259,9 +326,13 @@ def _torchvision(arch: str, weights_enum: str, size: int) -> Callable[[str | Non
             names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         feats = nn.Sequential(*[getattr(net, n) for n in names])
         stages = [m for n, m in zip(names, feats) if n.startswith(("layer", "Mixed", "Conv2d"))]
+        steps = list(feats)
         if arch != "inception_v3":  # individual bottlenecks, so fine-tuning can take a few of them
             stages = [b for layer in stages for b in layer]
-        return Encoder(arch, feats, stages, net.fc.in_features, Preprocess(size, *IMAGENET), classifier=net.fc)
+            steps = [m for m in feats if not isinstance(m, nn.Sequential)] + stages
+        at = {id(m): i for i, m in enumerate(steps)}
+        return Encoder(arch, feats, stages, net.fc.in_features, Preprocess(size, *IMAGENET), classifier=net.fc,
+                       steps=steps, stage_steps=[at[id(m)] for m in stages])
     return build
 
 

@@ -57,7 +57,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     cap = Captioner.load(model, device=device, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
-    tag = "checkpoint-encoder" if cap.meta.get("encoder", {}).get("weights_included") else ""
+    tag = cap.encoder.weights_tag()  # a fine-tuned encoder's features are cached apart from the pretrained one's
     pres = test_views(cap.encoder.preprocess, views)
     sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
                              device=device, weights_tag=tag, preprocess=pre)

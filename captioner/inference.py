@@ -29,17 +29,19 @@ class Caption:
 
 
 def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: Encoder,
-               extra: dict | None = None, include_encoder: bool = False, storage: str = "float32") -> None:
-    """Self-contained model checkpoint (see checkpoint.py), its weights stored as checkpoint.STORAGES says."""
+               extra: dict | None = None, storage: str = "float32") -> None:
+    """Self-contained model checkpoint (see checkpoint.py), its weights stored as checkpoint.STORAGES says;
+    an encoder's fine-tuned stages travel with it, its pretrained rest does not."""
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
-    if include_encoder:
-        tensors.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+    tuned = encoder.tuned_state_dict()
+    tensors.update({f"encoder.{k}": v for k, v in tuned.items()})
     tensors = pack_weights(tensors, storage)
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
             **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                         **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
-                        "weights_included": include_encoder},
+                        "weights_included": bool(tuned),
+                        **({"tuned_stages": encoder.tuned} if 0 < encoder.tuned < len(encoder.stages) else {})},
             **(extra or {}), "storage": storage}
     save_tensors(path, tensors, meta)
 
@@ -55,6 +57,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         enc_meta = meta["encoder"]
         enc_name = enc_meta["name"]
         with_encoder = bool(enc_meta.get("weights_included"))
+        tuned = int(enc_meta.get("tuned_stages", 0))  # 0 with weights: an older checkpoint holding the whole CNN
         saved_pre = Preprocess.from_dict(enc_meta["preprocess"]) if "preprocess" in enc_meta else None
         if "ensemble" in meta:
             members = meta["ensemble"]
@@ -81,15 +84,22 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
         raise CaptionerError(f"{path}: weights do not match the config ({first_problem(e)})") from None
-    encoder = create_encoder(enc_name, pretrained=not with_encoder, pool=pool)
+    encoder = create_encoder(enc_name, pretrained=not with_encoder or tuned > 0, pool=pool)
     if encoder.dim != cfg.feature_dim:
         raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
     if saved_pre is not None:
         encoder.preprocess = saved_pre
     if with_encoder:
         enc_sd = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if not 0 <= tuned <= len(encoder.stages):
+            raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
+        encoder.tuned = tuned or len(encoder.stages)
         try:
-            encoder.load_state_dict(enc_sd)
+            want = set(encoder.tuned_state_dict())
+            if set(enc_sd) != want:
+                odd = sorted(set(enc_sd) ^ want)[0]
+                raise RuntimeError(f"{'Unexpected' if odd in enc_sd else 'Missing'} key(s) in state_dict: {odd}")
+            encoder.load_state_dict(enc_sd, strict=False)
         except RuntimeError as e:
             raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({first_problem(e)})") from None
     return decoder.eval(), vocab, encoder.eval(), meta
@@ -133,7 +143,7 @@ def bundle(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "
     decoder, vocab, encoder, meta = load_model(checkpoints[0])
     extra = {k: v for k, v in meta.items() if k not in ("decoder", "vocab", "encoder")}
     extra["bundled_from"] = str(checkpoints[0])
-    save_model(path, decoder, vocab, encoder, extra=extra, include_encoder=bool(meta["encoder"].get("weights_included")),
+    save_model(path, decoder, vocab, encoder, extra=extra,
                storage=storage)
     return "one model"
 

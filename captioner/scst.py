@@ -212,7 +212,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     prepare_out_dir(out)
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     fs = extract_features(encoder, [r.image for r in train_recs + dev_recs], cfg.cache_dir, workers=cfg.workers,
-                          progress=progress)
+                          progress=progress, weights_tag=encoder.weights_tag())
     valid = fs.valid_mask()
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
     feats = features_on_device(feats, cfg.device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prepare_out_dir,
@@ -22,7 +23,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
-from .encoders import CROPS, DEFAULT_ENCODER, Encoder, attended_regions, create_encoder
+from .encoders import CROPS, DEFAULT_ENCODER, Encoder, Trunk, attended_regions, create_encoder
 from .errors import CaptionerError
 from .features import FeatureRows, FeatureSet, extract_features
 from .inference import save_model
@@ -263,14 +264,29 @@ def training_encoder(cfg: TrainConfig) -> Encoder:
     return encoder
 
 
+class TunedTop(nn.Module):
+    """The encoder's last n stages and pooling, run on the cached maps below them (encoders.Trunk); a
+    module of its own so that DDP can wrap it."""
+
+    def __init__(self, encoder: Encoder, n: int):
+        super().__init__()
+        self.encoder, self.n, self.shape = encoder, n, Trunk(encoder, n).shape
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        h = rows.view(-1, *self.shape).contiguous(memory_format=torch.channels_last)
+        return self.encoder.top(h, self.n)
+
+
 def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progress: bool = True) -> list[FeatureSet]:
     """Encoder features of `paths` from the disk cache, computing what is missing (see features.py): the
     images as they are, then with --flip-augment their mirror images and with --crop-augment their four corner
-    crops (training draws one view per caption and epoch; the checkpoint keeps the plain one)."""
+    crops (training draws one view per caption and epoch; the checkpoint keeps the plain one). With
+    --fine-tune-blocks N the cache holds the maps below the last N stages instead (encoders.Trunk)."""
     plain = encoder.preprocess
     views = [plain] + ([replace(plain, hflip=True)] if cfg.flip_augment else []) + \
         ([replace(plain, crop=c) for c in CROPS] if cfg.crop_augment else [])
-    return [extract_features(encoder, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
+    source = Trunk(encoder, cfg.fine_tune_blocks) if cfg.fine_tune_blocks else encoder
+    return [extract_features(source, paths, cfg.cache_dir, workers=cfg.workers, progress=progress,
                              weights_tag=str(cfg.encoder_weights or ""), device=cfg.device, preprocess=pre)
             for pre in views]
 
@@ -311,9 +327,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     paths = [r.image for r in train_recs + dev_recs]
     if fine_tune and cfg.fine_tune_blocks > len(encoder.stages):
         raise CaptionerError(f"--fine-tune-blocks {cfg.fine_tune_blocks}: {cfg.encoder} has {len(encoder.stages)} stages")
-    if fine_tune and (cfg.flip_augment or cfg.crop_augment):
-        raise CaptionerError("--flip-augment and --crop-augment work on cached features; they cannot be combined "
-                             "with --fine-tune-blocks")
     with dctx.local_main_first():  # one process per machine fills the cache, the others then read it
         fs, *others = cache_features(cfg, encoder, paths, progress)
     if fs.bad and dctx.is_main:
@@ -322,10 +335,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         log(f"skipped {len(fs.bad)} unreadable images (listed in {out / 'bad_images.txt'})")
     # View v's rows start at v * len(paths); an image unreadable in any view is left out of all. Rows stay
     # float16 as cached, widened batch by batch. On the CPU they are read from the cache files as needed
-    # (FeatureRows); a GPU gets the whole table; fine-tuning rewrites its dev rows, so it keeps a float32 one.
-    if fine_tune or cfg.device != "cpu":
-        dtype = np.float32 if fine_tune else np.float16
-        feats = torch.from_numpy(np.concatenate([np.asarray(v.features, dtype=dtype) for v in (fs, *others)]))
+    # (FeatureRows); a GPU gets the whole table. Fine-tuning caches the maps below its stages instead.
+    if cfg.device != "cpu":
+        feats = torch.from_numpy(np.concatenate([np.asarray(v.features) for v in (fs, *others)]))
     else:
         feats = FeatureRows([fs, *others])
     valid = np.logical_and.reduce([v.valid_mask() for v in (fs, *others)])
@@ -334,8 +346,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
     if cfg.dev_images:
         dev_rows = dev_rows[: cfg.dev_images]
-    if not fine_tune:  # fine-tuning refreshes dev rows from the encoder on the host
-        feats = features_on_device(feats, cfg.device, log)
+    feats = features_on_device(feats, cfg.device, log)
 
     # Caption-level training items: (feature row, token ids); empty captions skipped, long ones cut.
     def items(rows: list[int], recs: list[Record], base: int) -> list[tuple[int, list[int]]]:
@@ -366,14 +377,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         groups.append({"params": enc_params, "lr_scale": 0.1})
         params = params + enc_params
     optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    all_paths = [r.image for r in train_recs + dev_recs]
+    top = TunedTop(encoder, cfg.fine_tune_blocks) if fine_tune else None
 
     def feature_batch(rows: list[int]) -> torch.Tensor:  # cached rows (float16) on the device, widened
         return to_device(feats[rows], cfg.device).float()
-
-    def image_batch(rows: list[int]) -> torch.Tensor:
-        x = to_device(torch.stack([encoder.preprocess(all_paths[r]) for r in rows]), cfg.device)
-        return x.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     st = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -392,7 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                                  f"({first_problem(e)})") from None
         log(f"resuming at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
     ddp = dctx.wrap(model, cfg.device)  # the model itself with one process
-    enc_fwd = dctx.wrap(encoder, cfg.device) if fine_tune else encoder
+    top_fwd = dctx.wrap(top, cfg.device) if fine_tune else None
     amp, scaler = autocast(cfg.device, cfg.amp)  # a null context and no scaler unless --amp
     if cfg.amp and not isinstance(amp, torch.autocast):  # autocast's one fallback: a CPU that emulates bf16
         log("--amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX) and would emulate it, about 20x "
@@ -408,20 +415,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     @torch.inference_mode()
     def evaluate() -> dict:
         model.eval()
-        if fine_tune:  # the encoder changed: refresh the dev rows' features
+        dev_batch = feature_batch
+        if fine_tune:  # the tuned stages changed: the dev images' features, once
             encoder.eval()
-            for i in range(0, len(dev_rows), 16):
-                feats[dev_rows[i:i + 16]] = encoder(image_batch(dev_rows[i:i + 16])).float().cpu()
+            pooled = torch.cat([top(feature_batch(dev_rows[i:i + 64])) for i in range(0, len(dev_rows), 64)])
+            at = {r: j for j, r in enumerate(dev_rows)}
+            dev_batch = lambda rows: pooled[[at[r] for r in rows]]  # noqa: E731
         losses, n = 0.0, 0
         for i in range(0, len(dev_items), 256):
             rows, seqs = zip(*dev_items[i:i + 256])
             caps, lens = _pad(list(seqs))
-            logits, targets = model(feature_batch(list(rows)), caps.to(cfg.device), lens)
+            logits, targets = model(dev_batch(list(rows)), caps.to(cfg.device), lens)
             losses += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             n += targets.numel()
         hyps = []
         for i in range(0, len(dev_rows), 256):
-            f = feature_batch(dev_rows[i:i + 256])
+            f = dev_batch(dev_rows[i:i + 256])
             if cfg.eval_beam > 1:
                 hs = [h[0] for h in beam_search(model, f, vocab, cfg.eval_beam, cfg.max_len)]
             else:
@@ -461,7 +470,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 for grp in optim.param_groups:
                     grp["lr"] = _lr_at(cfg, st["step"], total_steps) * grp["lr_scale"]
                 with amp:
-                    f = enc_fwd(image_batch(rows)).float() if fine_tune else feature_batch(rows)
+                    f = top_fwd(feature_batch(rows)).float() if fine_tune else feature_batch(rows)
                     if dctx.enabled:
                         loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens, cfg.label_smoothing,
                                         sum(len(train_items[i][1]) - 1 for i in idx), dctx.world,
@@ -500,7 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = score, epoch + 1, 0
                 if dctx.is_main:
-                    save_model(out / "best.safetensors", model, vocab, encoder, include_encoder=fine_tune,
+                    save_model(out / "best.safetensors", model, vocab, encoder,
                                extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
                                                                             if k.startswith("dev_BLEU")},
                                                 "config": asdict(cfg)}})

@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from captioner.encoders import ENCODERS, create_encoder
+from captioner.encoders import ENCODERS, Trunk, create_encoder
 from captioner.errors import CaptionerError
 
 
@@ -106,3 +107,20 @@ def test_test_time_views_average_the_views_features(tmp_path):
     res = evaluate(None, csv, "test", cache_dir=tmp_path / "cache", workers=0, progress=False, views=2)
     assert res["settings"]["views"] == 2 and res["settings"]["images"] == 2
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_fine_tuned_top_on_cached_maps_equals_the_whole_encoder():
+    """Training runs the last stages on the cached trunk's maps; that must be the encoder's own output."""
+    for name, pretrained in (("efficientnet_lite0", True), ("resnet50", False)):
+        enc = create_encoder(name, pretrained=pretrained, pool="regions")
+        s = enc.preprocess.size
+        x = torch.randn(2, 3, s, s).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for n in (1, 2, 3):
+                trunk = Trunk(enc, n)
+                maps = trunk(x)
+                assert maps.shape == (2, int(np.prod(trunk.shape)))
+                assert torch.equal(enc.top(maps.view(-1, *trunk.shape), n), enc(x))
+        assert Trunk(enc, 1).name != Trunk(enc, 2).name != enc.name  # cached apart
+        with pytest.raises(CaptionerError, match="cannot be cut"):
+            enc.trunk(x, len(enc.stages) + 1)

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -121,16 +122,35 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_path):
     from captioner.encoders import create_encoder
-    train(_cfg(tiny_data, tmp_path / "ft", epochs=1, fine_tune_blocks=1), progress=False)
+    from captioner.evaluate import evaluate
+    train(_cfg(tiny_data, tmp_path / "ft", epochs=1, fine_tune_blocks=1, flip_augment=True), progress=False)
     tensors, meta = load_tensors(tmp_path / "ft" / "best.safetensors")
-    assert meta["encoder"]["weights_included"]
+    assert meta["encoder"]["weights_included"] and meta["encoder"]["tuned_stages"] == 1
     pre = create_encoder().state_dict()
-    head = [k for k in pre if k.startswith("features.net._conv_head")][0]
-    stem = [k for k in pre if k.startswith("features.net._conv_stem")][0]
-    assert not torch.equal(tensors[f"encoder.{head}"], pre[head])  # last stage learned
-    assert torch.equal(tensors[f"encoder.{stem}"], pre[stem])  # frozen stages did not
+    shipped = {k[len("encoder."):] for k in tensors if k.startswith("encoder.")}
+    assert shipped == {k for k in pre if k.startswith(("features.net._conv_head", "features.net._bn1"))}
+    head = "features.net._conv_head.weight"
+    assert not torch.equal(tensors[f"encoder.{head}"], pre[head])  # the last stage learned; the rest is pretrained
     cap = Captioner.load(tmp_path / "ft")
     assert torch.equal(cap.encoder.state_dict()[head], tensors[f"encoder.{head}"])
+    stem = "features.net._conv_stem.weight"
+    assert torch.equal(cap.encoder.state_dict()[stem], pre[stem])
+    # The features scored come from the tuned head, cached under its own key, not the pretrained encoder's.
+    assert cap.encoder.weights_tag().startswith("tuned1-")
+    imgs = [str(tiny_data / f"img{i}.jpg") for i in range(3)]
+    direct = cap.encode(imgs)
+    from captioner.features import extract_features
+    cached = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False,
+                              weights_tag=cap.encoder.weights_tag()).features
+    assert torch.allclose(direct, torch.tensor(np.asarray(cached), dtype=torch.float32), atol=2e-2)
+    assert evaluate(tmp_path / "ft", tiny_data / "caps.csv", split="dev", cache_dir=str(tiny_data / "cache"),
+                    workers=0, progress=False)["metrics"]
+    from captioner.checkpoint import save_tensors
+    for stages, msg in ((2, "Missing key"), (99, "not 99 to fine-tune")):  # the stages said do not match the weights
+        save_tensors(tmp_path / "odd.safetensors", tensors,
+                     {**meta, "encoder": {**meta["encoder"], "tuned_stages": stages}})
+        with pytest.raises(CaptionerError, match=msg):
+            Captioner.load(tmp_path / "odd.safetensors")
 
 
 def test_scst_stage_runs_from_a_cross_entropy_model(tiny_data, tmp_path):
@@ -241,8 +261,6 @@ def test_image_size_and_augmented_views_reach_the_checkpoint_and_the_features(ti
     cap.encoder.preprocess = replace(cap.encoder.preprocess, hflip=False)
     (mirrored,) = cap.encode([mirror])
     assert torch.allclose(mirrored.half().float(), torch.tensor(flipped[0], dtype=torch.float32), atol=2e-2)
-    with pytest.raises(CaptionerError, match="fine-tune"):
-        train(_cfg(tiny_data, tmp_path / "bad", crop_augment=True, fine_tune_blocks=1), progress=False)
     with pytest.raises(CaptionerError, match="image size"):
         _cfg(tiny_data, tmp_path / "bad2", image_size=8).validate()
 
