@@ -21,7 +21,7 @@ from .data import load_dataset
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
 from .encoders import average_views, test_views
 from .errors import CaptionerError
-from .features import extract_features
+from .features import model_features
 from .inference import Captioner
 from .metrics import all_metrics
 
@@ -57,10 +57,9 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     cap = Captioner.load(model, device=device, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
-    tag = cap.encoder.weights_tag()  # a fine-tuned encoder's features are cached apart from the pretrained one's
     pres = test_views(cap.encoder.preprocess, views)
-    sets = [extract_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
-                             device=device, weights_tag=tag, preprocess=pre)
+    sets = [model_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
+                           device=device, preprocess=pre)
             for pre in pres]  # each view cached on its own
     mask = np.logical_and.reduce([s.valid_mask() for s in sets])
     kept = [r for r, ok in zip(records, mask) if ok]

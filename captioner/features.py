@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text
-from .encoders import Encoder, Preprocess
+from .encoders import Encoder, Preprocess, Trunk
 from .errors import CaptionerError
 from .images import ImageError
 
@@ -70,7 +70,7 @@ class FeatureSet:
     """Row i holds image paths[i]'s features; `bad` maps unreadable paths to the reason."""
 
     paths: list[str]
-    features: np.ndarray  # [N, D] float16, memory-mapped
+    features: np.ndarray  # [N, D] float16, memory-mapped (in memory from model_features' tuned stages)
     bad: dict[str, str]
 
     def valid_mask(self) -> np.ndarray:
@@ -188,6 +188,30 @@ def extract_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | P
     atomic_write_text(index, json.dumps(state))
     del feats
     return FeatureSet(paths, np.load(npy, mmap_mode="r"), state["bad"])
+
+
+def model_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | Path | None = None, workers: int = 2,
+                   progress: bool = True, device: str = "cpu", preprocess: Preprocess | None = None) -> FeatureSet:
+    """A checkpoint's encoder's pooled features for `paths` (evaluation, SCST). An encoder whose last stages
+    were fine-tuned runs them on the cached maps below them (encoders.Trunk: the same cache training filled,
+    shared by every checkpoint tuned from the same trunk), which costs a small part of a pass over the images."""
+    if not 0 < encoder.tuned < len(encoder.stages):
+        return extract_features(encoder, paths, cache_dir, workers=workers, progress=progress, device=device,
+                                weights_tag=encoder.weights_tag(), preprocess=preprocess)
+    trunk = Trunk(encoder, encoder.tuned)
+    maps = extract_features(trunk, paths, cache_dir, workers=workers, progress=progress, device=device,
+                            preprocess=preprocess)
+    encoder = encoder.to(device).eval()
+    out = np.zeros((len(maps.paths), encoder.dim), dtype=np.float16)
+    with torch.inference_mode():
+        for i in range(0, len(out), 64):
+            h = torch.from_numpy(np.asarray(maps.features[i:i + 64], dtype=np.float32)).to(device)
+            h = h.view(-1, *trunk.shape).contiguous(memory_format=torch.channels_last)
+            out[i:i + 64] = encoder.top(h, encoder.tuned).float().cpu().numpy()
+    for i, p in enumerate(maps.paths):  # unreadable images stay zero rows, as extract_features leaves them
+        if p in maps.bad:
+            out[i] = 0
+    return FeatureSet(maps.paths, out, maps.bad)
 
 
 class FeatureRows:

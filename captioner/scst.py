@@ -26,7 +26,7 @@ from .decoding import beam_search
 from .defaults import LENGTH_PENALTY
 from .distributed import features_on_device
 from .errors import CaptionerError
-from .features import extract_features
+from .features import model_features
 from .inference import load_model, save_model
 from .memory import trim_if_due
 from .metrics import _close_meteor, bleu
@@ -211,8 +211,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         raise CaptionerError("SCST needs a train and a dev split in --data")
     prepare_out_dir(out)
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
-    fs = extract_features(encoder, [r.image for r in train_recs + dev_recs], cfg.cache_dir, workers=cfg.workers,
-                          progress=progress, weights_tag=encoder.weights_tag())
+    fs = model_features(encoder, [r.image for r in train_recs + dev_recs], cfg.cache_dir, workers=cfg.workers,
+                        progress=progress)
     valid = fs.valid_mask()
     feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
     feats = features_on_device(feats, cfg.device)

@@ -373,6 +373,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder
         encoder.to(cfg.device).freeze(cfg.fine_tune_blocks)
+        if cfg.encoder_weights:  # checkpoints rebuild the rest from the package's weights, not from this file's
+            encoder.tuned = len(encoder.stages)
         enc_params = [p for p in encoder.parameters() if p.requires_grad]
         groups.append({"params": enc_params, "lr_scale": 0.1})
         params = params + enc_params

@@ -139,12 +139,18 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
     assert cap.encoder.weights_tag().startswith("tuned1-")
     imgs = [str(tiny_data / f"img{i}.jpg") for i in range(3)]
     direct = cap.encode(imgs)
-    from captioner.features import extract_features
-    cached = extract_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False,
-                              weights_tag=cap.encoder.weights_tag()).features
+    from captioner.features import model_features
+    cached = model_features(cap.encoder, imgs, tiny_data / "cache", workers=0, progress=False).features
     assert torch.allclose(direct, torch.tensor(np.asarray(cached), dtype=torch.float32), atol=2e-2)
     assert evaluate(tmp_path / "ft", tiny_data / "caps.csv", split="dev", cache_dir=str(tiny_data / "cache"),
                     workers=0, progress=False)["metrics"]
+    # SCST keeps the tuned stages it started from (its checkpoints dropped them before).
+    from captioner.cli import main
+    assert main(["train", "--scst", "--init", str(tmp_path / "ft"), "--data", str(tiny_data / "caps.csv"), "--out",
+                 str(tmp_path / "ft-scst"), "--epochs", "1", "--batch-size", "4", "--cache-dir", str(tiny_data / "cache"),
+                 "--workers", "0", "--quiet"]) == 0
+    after, _ = load_tensors(tmp_path / "ft-scst" / "best.safetensors")
+    assert torch.equal(after[f"encoder.{head}"], tensors[f"encoder.{head}"])
     from captioner.checkpoint import save_tensors
     for stages, msg in ((2, "Missing key"), (99, "not 99 to fine-tune")):  # the stages said do not match the weights
         save_tensors(tmp_path / "odd.safetensors", tensors,
