@@ -97,6 +97,20 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(timed(fn, reps, warmup=warmup)) * 1e3
 
 
+def step_cost_args(doc: str, reps: int, extra=None) -> argparse.Namespace:
+    """The training-step cost scripts' command line (--reps, --vocab, and `extra(parser)`'s own), parsed;
+    the timing then runs on one thread, as each of the recipe's side-by-side runs has, from a fixed seed."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--reps", type=int, default=reps, help="timed steps per variant and round")
+    p.add_argument("--vocab", type=int, default=2600, help="vocabulary size (the recipe's is about 2600)")
+    if extra:
+        extra(p)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return args
+
+
 class Data:
     """Flickr8k train/dev records, training captions as (feature row, ids), and the warm feature cache."""
 

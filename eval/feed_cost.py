@@ -7,21 +7,14 @@ one thread as each of the recipe's side-by-side runs has, random features and ca
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from bench import median_ms  # eval/bench.py, beside this script
+from bench import median_ms, step_cost_args  # eval/bench.py, beside this script
 from captioner.model import DecoderConfig, ShowAndTell
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=15, help="timed steps per model and round")
-    p.add_argument("--vocab", type=int, default=2600, help="vocabulary size (the recipe's is about 2600)")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    args = step_cost_args(__doc__, reps=15)
     B = 64
     feats = torch.randn(B, 1280 * 10)
     lens = torch.randint(9, 18, (B,))  # <start> + words + <end>: Flickr8k's captions are 7-16 words mostly

@@ -13,24 +13,17 @@ pixels, maps and captions of Flickr8k's lengths; the image decoding the old way 
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from bench import median_ms  # eval/bench.py, beside this script
+from bench import median_ms, step_cost_args  # eval/bench.py, beside this script
 from captioner.encoders import Trunk, create_encoder
 from captioner.model import DecoderConfig, ShowAndTell
 from captioner.train import TunedTop
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--blocks", type=int, default=1, help="stages fine-tuned (1: Lite0's 1x1 head to 1280 channels)")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per way and round")
-    p.add_argument("--vocab", type=int, default=2600, help="vocabulary size (the recipe's is about 2600)")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    args = step_cost_args(__doc__, reps=5, extra=lambda p: p.add_argument(
+        "--blocks", type=int, default=1, help="stages fine-tuned (1: Lite0's 1x1 head to 1280 channels)"))
     B = 64
     enc = create_encoder(pool="regions")
     trunk = Trunk(enc, args.blocks)
