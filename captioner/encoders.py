@@ -5,6 +5,7 @@ the image size and normalisation it was trained with, so features and checkpoint
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -174,7 +175,6 @@ class Encoder(nn.Module):
         """Part of the feature cache's key: a digest of the fine-tuned weights ("" for pretrained ones)."""
         if not self.tuned:
             return ""
-        import hashlib
         h = hashlib.sha256()
         for k, v in sorted(self.tuned_state_dict().items()):
             h.update(k.encode())
