@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -126,6 +127,7 @@ class Encoder(nn.Module):
         self.stages = stages  # plain list: the modules are already registered under `features`
         self.steps, self.stage_steps = steps or [], stage_steps or []
         self.tuned = 0  # how many top stages were fine-tuned: their weights travel in the checkpoint
+        self.package_weights = False  # the pretrained weights a checkpoint can rebuild (create_encoder sets it)
         self._classifier = [classifier]  # a list, so its weights stay out of state_dict (lite0 shares them)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,11 +164,18 @@ class Encoder(nn.Module):
             h = step(h)
         return self.pool_map(h)
 
+    @property
+    def tuned_alone(self) -> int:
+        """How many fine-tuned top stages a checkpoint carries on their own, the rest rebuilt from the
+        package's weights; 0 when nothing was tuned, or when the whole CNN must travel (every stage tuned,
+        or a trunk that is not the package's)."""
+        return self.tuned if self.package_weights and self.tuned < len(self.stages) else 0
+
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors of the fine-tuned stages (all of them for a checkpoint that shipped the whole CNN)."""
+        """The tensors a checkpoint carries: the fine-tuned stages', or the whole CNN's (`tuned_alone`)."""
         if not self.tuned:
             return {}
-        if self.tuned >= len(self.stages):
+        if not self.tuned_alone:
             return dict(self.state_dict(keep_vars=True))
         mine = {id(t) for stage in self.stages[-self.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in mine}
@@ -221,10 +230,23 @@ class Trunk(nn.Module):
         with torch.no_grad():
             x = torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device)
             self.shape = tuple(encoder.trunk(x, n).shape[1:])
-        self.dim = int(np.prod(self.shape))
+        self.dim = math.prod(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.trunk(x, self.n).flatten(1)
+
+
+class TunedTop(nn.Module):
+    """The encoder's last n stages and pooling, run on a Trunk's cached rows: `TunedTop(t)(t(x)) == encoder(x)`;
+    a module of its own so that DDP can wrap it."""
+
+    def __init__(self, trunk: Trunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        h = rows.view(-1, *self.trunk.shape).contiguous(memory_format=torch.channels_last)
+        return self.trunk.encoder.top(h, self.trunk.n)
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -357,7 +379,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, weights: str | None = None, pret
     if pool not in POOLS:
         raise CaptionerError(f"unknown pooling {pool!r}; choose one of: {', '.join(POOLS)}")
     enc = ENCODERS[name](weights, pretrained)
-    enc.pool = pool
+    enc.pool, enc.package_weights = pool, pretrained and not weights
     enc.freeze()
     # channels_last runs this CPU's convolutions about 1.7x faster (measured at batch 4).
     return enc.to(memory_format=torch.channels_last).eval()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text
-from .encoders import Encoder, Preprocess, Trunk
+from .encoders import Encoder, Preprocess, Trunk, TunedTop
 from .errors import CaptionerError
 from .images import ImageError
 
@@ -195,22 +195,19 @@ def model_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | Pat
     """A checkpoint's encoder's pooled features for `paths` (evaluation, SCST). An encoder whose last stages
     were fine-tuned runs them on the cached maps below them (encoders.Trunk: the same cache training filled,
     shared by every checkpoint tuned from the same trunk), which costs a small part of a pass over the images."""
-    if not 0 < encoder.tuned < len(encoder.stages):
+    if not encoder.tuned_alone:
         return extract_features(encoder, paths, cache_dir, workers=workers, progress=progress, device=device,
                                 weights_tag=encoder.weights_tag(), preprocess=preprocess)
-    trunk = Trunk(encoder, encoder.tuned)
+    trunk = Trunk(encoder.to(device).eval(), encoder.tuned_alone)
     maps = extract_features(trunk, paths, cache_dir, workers=workers, progress=progress, device=device,
                             preprocess=preprocess)
-    encoder = encoder.to(device).eval()
+    top = TunedTop(trunk)
     out = np.zeros((len(maps.paths), encoder.dim), dtype=np.float16)
     with torch.inference_mode():
         for i in range(0, len(out), 64):
-            h = torch.from_numpy(np.asarray(maps.features[i:i + 64], dtype=np.float32)).to(device)
-            h = h.view(-1, *trunk.shape).contiguous(memory_format=torch.channels_last)
-            out[i:i + 64] = encoder.top(h, encoder.tuned).float().cpu().numpy()
-    for i, p in enumerate(maps.paths):  # unreadable images stay zero rows, as extract_features leaves them
-        if p in maps.bad:
-            out[i] = 0
+            rows = torch.from_numpy(np.asarray(maps.features[i:i + 64], dtype=np.float32)).to(device)
+            out[i:i + 64] = top(rows).float().cpu().numpy()
+    out[~maps.valid_mask()] = 0  # unreadable images stay zero rows, as extract_features leaves them
     return FeatureSet(maps.paths, out, maps.bad)
 
 

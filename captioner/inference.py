@@ -41,7 +41,7 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                         **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
                         "weights_included": bool(tuned),
-                        **({"tuned_stages": encoder.tuned} if 0 < encoder.tuned < len(encoder.stages) else {})},
+                        **({"tuned_stages": encoder.tuned_alone} if encoder.tuned_alone else {})},
             **(extra or {}), "storage": storage}
     save_tensors(path, tensors, meta)
 
@@ -94,11 +94,12 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         if not 0 <= tuned <= len(encoder.stages):
             raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
         encoder.tuned = tuned or len(encoder.stages)
+        want = set(encoder.tuned_state_dict())
+        if set(enc_sd) != want:  # strict=False below would let a missing or stray tensor pass
+            odd = sorted(set(enc_sd) ^ want)[0]
+            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} "
+                                 f"({'Unexpected' if odd in enc_sd else 'Missing'} key(s) in state_dict: {odd})")
         try:
-            want = set(encoder.tuned_state_dict())
-            if set(enc_sd) != want:
-                odd = sorted(set(enc_sd) ^ want)[0]
-                raise RuntimeError(f"{'Unexpected' if odd in enc_sd else 'Missing'} key(s) in state_dict: {odd}")
             encoder.load_state_dict(enc_sd, strict=False)
         except RuntimeError as e:
             raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({first_problem(e)})") from None

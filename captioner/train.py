@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prepare_out_dir,
@@ -23,7 +22,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
-from .encoders import CROPS, DEFAULT_ENCODER, Encoder, Trunk, attended_regions, create_encoder
+from .encoders import CROPS, DEFAULT_ENCODER, Encoder, Trunk, TunedTop, attended_regions, create_encoder
 from .errors import CaptionerError
 from .features import FeatureRows, FeatureSet, extract_features
 from .inference import save_model
@@ -264,19 +263,6 @@ def training_encoder(cfg: TrainConfig) -> Encoder:
     return encoder
 
 
-class TunedTop(nn.Module):
-    """The encoder's last n stages and pooling, run on the cached maps below them (encoders.Trunk); a
-    module of its own so that DDP can wrap it."""
-
-    def __init__(self, encoder: Encoder, n: int):
-        super().__init__()
-        self.encoder, self.n, self.shape = encoder, n, Trunk(encoder, n).shape
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        h = rows.view(-1, *self.shape).contiguous(memory_format=torch.channels_last)
-        return self.encoder.top(h, self.n)
-
-
 def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progress: bool = True) -> list[FeatureSet]:
     """Encoder features of `paths` from the disk cache, computing what is missing (see features.py): the
     images as they are, then with --flip-augment their mirror images and with --crop-augment their four corner
@@ -373,13 +359,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder
         encoder.to(cfg.device).freeze(cfg.fine_tune_blocks)
-        if cfg.encoder_weights:  # checkpoints rebuild the rest from the package's weights, not from this file's
-            encoder.tuned = len(encoder.stages)
         enc_params = [p for p in encoder.parameters() if p.requires_grad]
         groups.append({"params": enc_params, "lr_scale": 0.1})
         params = params + enc_params
     optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    top = TunedTop(encoder, cfg.fine_tune_blocks) if fine_tune else None
+    top = TunedTop(Trunk(encoder, cfg.fine_tune_blocks)) if fine_tune else None
 
     def feature_batch(rows: list[int]) -> torch.Tensor:  # cached rows (float16) on the device, widened
         return to_device(feats[rows], cfg.device).float()

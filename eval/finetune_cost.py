@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from bench import median_ms, step_cost_args  # eval/bench.py, beside this script
-from captioner.encoders import Trunk, create_encoder
+from captioner.encoders import Trunk, TunedTop, create_encoder
 from captioner.model import DecoderConfig, ShowAndTell
-from captioner.train import TunedTop
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     model = ShowAndTell(DecoderConfig(args.vocab, enc.dim, 512, 1024, 1, 0.3, regions=9, att_dropout=0.5)).train()
     enc.freeze(args.blocks)
     enc.train(True)
-    top = TunedTop(enc, args.blocks)
+    top = TunedTop(trunk)
     params = list(model.parameters()) + [q for q in enc.parameters() if q.requires_grad]
     optim = torch.optim.AdamW(params, 1e-3)
 
