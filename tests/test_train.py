@@ -159,6 +159,28 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
             Captioner.load(tmp_path / "odd.safetensors")
 
 
+def test_fine_tuning_from_a_weights_file_ships_the_whole_encoder(tiny_data, tmp_path):
+    """The package cannot rebuild stages that came from the user's file, so the checkpoint must carry them all."""
+    from safetensors.torch import save_file
+    from captioner.encoders import create_encoder
+    net = create_encoder().features.net
+    sd = {k: v.contiguous().clone() for k, v in net.state_dict().items()}  # channels_last in memory
+    stem = "_conv_stem.weight"
+    sd[stem] = sd[stem] * 1.01  # a frozen stage that differs from the package's weights
+    save_file(sd, str(tmp_path / "mine.safetensors"))
+    train(_cfg(tiny_data, tmp_path / "ftw", epochs=1, fine_tune_blocks=1,
+               encoder_weights=str(tmp_path / "mine.safetensors")), progress=False)
+    tensors, meta = load_tensors(tmp_path / "ftw" / "best.safetensors")
+    assert meta["encoder"]["weights_included"] and not meta["encoder"].get("tuned_stages")
+    shipped = {k[len("encoder."):] for k in tensors if k.startswith("encoder.")}
+    assert shipped == set(create_encoder().state_dict())
+    assert torch.equal(tensors[f"encoder.features.net.{stem}"], sd[stem].to(tensors[f"encoder.features.net.{stem}"].dtype))
+    head = "_conv_head.weight"
+    assert not torch.equal(tensors[f"encoder.features.net.{head}"], sd[head])  # the tuned stage learned
+    cap = Captioner.load(tmp_path / "ftw")  # loads without the file: everything it needs is inside
+    assert torch.equal(cap.encoder.state_dict()[f"features.net.{stem}"], tensors[f"encoder.features.net.{stem}"])
+
+
 def test_scst_stage_runs_from_a_cross_entropy_model(tiny_data, tmp_path):
     from captioner.cli import main
     train(_cfg(tiny_data, tmp_path / "xe", epochs=2), progress=False)
