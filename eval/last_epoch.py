@@ -1,8 +1,9 @@
 """Write a finished cross-entropy run's last-epoch model as a checkpoint, beside the best-epoch one.
 
 `captioner train` keeps the epoch with the best greedy dev BLEU-4 (best.safetensors); its resumable state
-(state.safetensors) holds the last epoch's weights. This turns them into a model checkpoint that
-`captioner evaluate` and `captioner train --scst --init` take, to compare the two picks.
+(state.safetensors) holds the last epoch's weights, a fine-tuned encoder's included. This turns them into
+a model checkpoint that `captioner evaluate` and `captioner train --scst --init` take, to compare the two
+picks.
 
     python eval/last_epoch.py RUN [--out RUN/last.safetensors]
 """
@@ -27,9 +28,10 @@ def main() -> int:
         model, vocab, encoder, meta = load_model(run / "best.safetensors")
         tensors, state_meta = load_tensors(run / "state.safetensors")
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        if any(k.startswith("encoder.") for k in tensors):
-            raise CaptionerError(f"{run} fine-tuned its encoder; this script writes decoders only")
         model.load_state_dict(weights)
+        tuned = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if tuned:  # a --fine-tune-blocks run: its encoder's last epoch too (save_model ships what it must)
+            encoder.load_state_dict(tuned)
         epoch = state_meta.get("progress", {}).get("epoch", "?")
         out = Path(args.out or run / "last.safetensors")
         save_model(out, model, vocab, encoder, extra={"train": meta.get("train", {}), "last_epoch": epoch})

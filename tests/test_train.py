@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,14 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
                  "--workers", "0", "--quiet"]) == 0
     after, _ = load_tensors(tmp_path / "ft-scst" / "best.safetensors")
     assert torch.equal(after[f"encoder.{head}"], tensors[f"encoder.{head}"])
+    # eval/last_epoch.py writes the last epoch's tuned stage from the resumable state (it refused tuned runs before).
+    script = Path(__file__).resolve().parents[1] / "eval" / "last_epoch.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ft")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    last, last_meta = load_tensors(tmp_path / "ft" / "last.safetensors")
+    state, _ = load_tensors(tmp_path / "ft" / "state.safetensors")
+    assert last_meta["encoder"]["tuned_stages"] == 1
+    assert torch.equal(last[f"encoder.{head}"], state[f"encoder.{head}"].to(last[f"encoder.{head}"].dtype))
     from captioner.checkpoint import save_tensors
     for stages, msg in ((2, "Missing key"), (99, "not 99 to fine-tune")):  # the stages said do not match the weights
         save_tensors(tmp_path / "odd.safetensors", tensors,
