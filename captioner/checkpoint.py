@@ -201,3 +201,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not isinstance(meta, dict):
         raise CaptionerError(f"{path}: checkpoint metadata is not a JSON object")
     return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors stored under `prefix` ("decoder.", "model.", "encoder."), named as the module's own
+    state_dict names them: one file holds several modules' weights side by side."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .checkpoint import first_problem, load_tensors, pack_weights, save_tensors, unpack_weights
+from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, save_tensors, unpack_weights
 from .decoding import Hypothesis, beam_search, greedy, set_precision
 from .distributed import bfloat16_is_native
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
@@ -79,7 +79,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         if dim is not None and dim != cfg.feature_dim:
             raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} "
                                  f"gives {dim}-d ones")
-    dec_sd = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    dec_sd = prefixed(tensors, "decoder.")
     try:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
@@ -90,7 +90,7 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     if saved_pre is not None:
         encoder.preprocess = saved_pre
     if with_encoder:
-        enc_sd = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        enc_sd = prefixed(tensors, "encoder.")
         if not 0 <= tuned <= len(encoder.stages):
             raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
         encoder.tuned = tuned or len(encoder.stages)

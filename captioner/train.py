@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prepare_out_dir,
-                         remove_stale_temp_files, save_tensors)
+from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prefixed,
+                         prepare_out_dir, remove_stale_temp_files, save_tensors)
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
@@ -374,9 +374,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume:
         tensors, meta = load_tensors(out / "state.safetensors")
         try:
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            model.load_state_dict(prefixed(tensors, "model."))
             if fine_tune:
-                encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+                encoder.load_state_dict(prefixed(tensors, "encoder."))
             _restore_optim(optim, tensors, meta["param_groups"])
             torch.set_rng_state(tensors["rng.torch"])
             st = meta["progress"]

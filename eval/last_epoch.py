@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioner.checkpoint import load_tensors
+from captioner.checkpoint import load_tensors, prefixed
 from captioner.errors import CaptionerError
 from captioner.inference import load_model, save_model
 
@@ -27,9 +27,8 @@ def main() -> int:
     try:
         model, vocab, encoder, meta = load_model(run / "best.safetensors")
         tensors, state_meta = load_tensors(run / "state.safetensors")
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        model.load_state_dict(weights)
-        tuned = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        model.load_state_dict(prefixed(tensors, "model."))
+        tuned = prefixed(tensors, "encoder.")
         if tuned:  # a --fine-tune-blocks run: its encoder's last epoch too (save_model ships what it must)
             encoder.load_state_dict(tuned)
         epoch = state_meta.get("progress", {}).get("epoch", "?")

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from captioner.checkpoint import load_tensors
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.train import Interrupted, TrainConfig, resume_config, train
-from conftest import make_tiny_dataset
+from conftest import ROOT, make_tiny_dataset
 
 
 
@@ -153,7 +152,7 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
     after, _ = load_tensors(tmp_path / "ft-scst" / "best.safetensors")
     assert torch.equal(after[f"encoder.{head}"], tensors[f"encoder.{head}"])
     # eval/last_epoch.py writes the last epoch's tuned stage from the resumable state (it refused tuned runs before).
-    script = Path(__file__).resolve().parents[1] / "eval" / "last_epoch.py"
+    script = ROOT / "eval" / "last_epoch.py"
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "ft")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     last, last_meta = load_tensors(tmp_path / "ft" / "last.safetensors")
