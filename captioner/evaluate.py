@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
-from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION
+from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, RERANK
 from .encoders import average_views, test_views
 from .errors import CaptionerError
 from .features import model_features
@@ -29,7 +29,7 @@ METRIC_ORDER = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 
 def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len: int, length_penalty: float,
-                    batch_size: int = 100, progress: bool = True) -> list[str]:
+                    batch_size: int = 100, progress: bool = True, rerank: int = RERANK) -> list[str]:
     out: list[str] = []
     bar = tqdm(total=len(feats), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -37,7 +37,7 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
         batch_size = max(batch_size, 5000)
     for i in range(0, len(feats), batch_size):
         caps = cap.decode(feats[i:i + batch_size].to(cap.device), beam_size=beam_size, max_len=max_len,
-                          length_penalty=length_penalty)
+                          length_penalty=length_penalty, rerank=rerank)
         out += [c.text for c in caps]
         bar.update(len(caps))
     bar.close()
@@ -47,7 +47,8 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
-             progress: bool = True, precision: str = PRECISION, device: str = "cpu", views: int = 1) -> dict:
+             progress: bool = True, precision: str = PRECISION, device: str = "cpu", views: int = 1,
+             rerank: int = RERANK) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
@@ -67,12 +68,12 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
         raise CaptionerError("no readable images to evaluate")
     feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
                           cap.encoder.pool, pres)
-    hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress)
+    hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress, rerank=rerank)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
-                           "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty, "device": device,
+                           "beam_size": beam_size, "rerank": rerank, "max_len": max_len, "length_penalty": length_penalty, "device": device,
                            "views": views,
                            "precision": cap.precision, "images": len(kept), "skipped_images": sorted(set().union(*(s.bad for s in sets))), "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",

@@ -10,7 +10,8 @@ import torch
 from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, save_tensors, unpack_weights
 from .decoding import Hypothesis, beam_search, greedy, set_precision
 from .distributed import bfloat16_is_native
-from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS
+from .consensus import rerank as consensus_order
+from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
 from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
@@ -191,36 +192,42 @@ class Captioner:
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
-               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True) -> list[Caption]:
-        if beam_size < 1 or max_len < 1 or n_best < 1:
-            raise CaptionerError("beam size, max length and n-best must be at least 1")
+               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True, rerank: int = RERANK) -> list[Caption]:
+        """`rerank` R > 1: the caption is the one of the beam's R best that agrees most with all its
+        `beam_size` results (consensus.py); 0 or 1 keeps the beam's own best."""
+        if beam_size < 1 or max_len < 1 or n_best < 1 or rerank < 0:
+            raise CaptionerError("beam size, max length and n-best must be at least 1, rerank at least 0")
+        rerank = min(rerank, beam_size)
         if beam_size == 1 and n_best == 1:
             hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, max_len,
                                                                   suppress_unk)]
         else:
+            keep = max(beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
             hyps = beam_search(self.decoder, features, self.vocab, max(beam_size, n_best), max_len,
-                               length_penalty, n_best, suppress_unk)
+                               length_penalty, keep, suppress_unk)
         out = []
         for hs in hyps:
+            if rerank > 1:
+                hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs))][:n_best]
             alts = [(self.vocab.decode(h.tokens), h.logprob) for h in hs]
             out.append(Caption(alts[0][0], alts[0][1], alts))
         return out
 
     def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
                      n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32,
-                     views: int = 1) -> list[Caption]:
+                     views: int = 1, rerank: int = RERANK) -> list[Caption]:
         """Captions with log-probabilities and n-best alternatives."""
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
             feats = self.encode(images[i:i + batch_size], views=views)
-            out += self.decode(feats, beam_size, max_len, n_best, length_penalty)
+            out += self.decode(feats, beam_size, max_len, n_best, length_penalty, rerank=rerank)
         return out
 
     def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
-                batch_size: int = 32) -> list[str] | str:
+                batch_size: int = 32, rerank: int = RERANK) -> list[str] | str:
         """One caption per image; a single path/PIL image gives a single string."""
         single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode")
-        caps = self.caption_full([images] if single else images, beam_size, max_len, batch_size=batch_size)
+        caps = self.caption_full([images] if single else images, beam_size, max_len, batch_size=batch_size, rerank=rerank)
         texts = [c.text for c in caps]
         return texts[0] if single else texts

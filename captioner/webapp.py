@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .decoding import _mask, _step
-from .defaults import BEAM_SIZE
+from .defaults import BEAM_SIZE, RERANK
 from .encoders import VIEWS
 from .errors import CaptionerError
 from .images import ImageError, load_image
@@ -84,14 +84,14 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
 
 def caption_images(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = BEAM_SIZE,
                    max_len: int = 20, n_best: int = 3, temperature: float = 1.0,
-                   views: int = 1) -> list[list[tuple[str, float]]]:
+                   views: int = 1, rerank: int = RERANK) -> list[list[tuple[str, float]]]:
     """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
     features = cap.encode(images, views=views)
     if method == "Sampling":
         return sample(cap, features, n_best, max_len, temperature)
     if method == "Greedy":
         beam_size = n_best = 1
-    return [c.alternatives for c in cap.decode(features, beam_size, max_len, n_best)]
+    return [c.alternatives for c in cap.decode(features, beam_size, max_len, n_best, rerank=rerank)]
 
 
 def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1) -> tuple:
@@ -135,7 +135,8 @@ def _alternatives_table(alts: list[tuple[str, float]]) -> list[list]:
 
 def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperature: float, views: int) -> str:
     if method == "Beam search":
-        text = f"beam search (beam {beam_size})"
+        top = min(RERANK, beam_size)
+        text = f"beam search (beam {beam_size}" + (f", top {top} reranked by agreement)" if top > 1 else ")")
     else:
         text = f"sampling (temperature {temperature:g})" if method == "Sampling" else "greedy"
     return text + (f" · {views} views" if views > 1 else "")

@@ -62,15 +62,15 @@ def main() -> None:
     rows = []
     for n in names:
         ev = out / n / "eval-dev-b3" / "metrics.json"
-        if not ev.is_file():  # the shipped decoding: beam 3, length penalty 0.5
-            evaluate(out / n / "best.safetensors", data, "dev", out_dir=ev.parent, progress=False)
+        if not ev.is_file():  # the decoding shipped when these ablations ran: beam 3, length penalty 0.5
+            evaluate(out / n / "best.safetensors", data, "dev", beam_size=3, rerank=0, out_dir=ev.parent, progress=False)
         m = json.loads(ev.read_text())
         summary = json.loads((out / n / "summary.json").read_text())
         rows.append((n, " ".join(VARIANTS[n]) or "(train/flickr8k.json as is)", summary["best_epoch"],
                      summary["best_dev_BLEU-4"], [m[k] for k in METRICS]))
     base = {r[0]: r for r in rows}.get("baseline")
     lines = [f"Protocol: `{' '.join(commands[names[0]][:6])} ... {' '.join(budget)}` + the option below; "
-             f"{args.parallel} runs side by side; scores: `captioner evaluate --split dev` (beam 3, length penalty 0.5) of the best "
+             f"{args.parallel} runs side by side; scores: `captioner evaluate --split dev --beam-size 3 --rerank 0` (length penalty 0.5) of the best "
              f"epoch (chosen by greedy dev BLEU-4).", "",
              "| variant | option | best epoch | greedy dev BLEU-4 | " + " | ".join(f"{k} (beam 3)" for k in METRICS)
              + (" | BLEU-4 vs baseline |" if base else " |"),

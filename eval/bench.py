@@ -304,7 +304,7 @@ def bench_demo(model_path: Path, image: Path, runs: int) -> dict:
 
     def demo():  # what the demo's single-image tab does with an upload: load_image(draft) + caption_images
         img = load_image(data, draft_size=draft)
-        return caption_images(cap, [img], "Beam search", 3, 20, 3)[0]
+        return caption_images(cap, [img], "Beam search", 3, 20, 3, rerank=0)[0]  # the series RESULTS records
     x = cap.encoder.preprocess(data).unsqueeze(0).contiguous(memory_format=torch.channels_last)
 
     def bare():

@@ -6,7 +6,7 @@
 The demo server runs in a child process (so its memory is measured alone), started as `captioner demo`
 starts it (`captioner.webapp.launch(..., block=False)`) on 127.0.0.1 only. Every client thread has its own
 `gradio_client.Client` and sends its requests one after another through the `/caption` endpoint with the
-page's default settings (beam search, beam 3, 3 alternatives). Every `--bad-every`-th request uploads a
+page's default settings (beam search with captioner/defaults.py's beam and reranking, 3 alternatives). Every `--bad-every`-th request uploads a
 bad file instead (alternately a text file named .jpg and a JPEG cut to a third of its bytes), which must
 come back as a clear error message, not a crash. Good requests must all succeed. The run is bounded in
 requests (clients x requests) and in time (`--timeout` overall, `--request-timeout` per request).
@@ -252,12 +252,13 @@ def main() -> int:
         ("server still answers afterwards", "yes" if still_serving else "NO"),
         ("result", "PASS" if passed else "FAIL"),
     ]
+    from captioner import defaults
     command = "python eval/load_test.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = [
         "# Demo load test", "",
         f"Command: `{command.strip()}`", "",
         f"Model: `{model or 'bundled'}`; server: `captioner.webapp.launch` on {url} (loopback only), "
-        f"default settings (beam search, beam 3, 3 alternatives), queue concurrency 2; every "
+        f"default settings (beam search, beam {defaults.BEAM_SIZE}, its {defaults.RERANK} best reranked, 3 alternatives), queue concurrency 2; every "
         f"{args.bad_every}th request uploads a bad file (text named .jpg, or a JPEG cut to a third)"
         + (f"; server environment: {', '.join(args.server_env)}." if args.server_env else "."),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "

@@ -1,5 +1,5 @@
 """Spread over seeds: every checkpoint alone, and every pair of them as an ensemble (the recipe ships a
-pair), scored on dev with the shipped decoding (beam 3, length penalty 0.5) unless told otherwise; prints one markdown table with the mean and standard deviation.
+pair), scored on dev with the shipped decoding (captioner/defaults.py) unless told otherwise; prints one markdown table with the mean and standard deviation.
 
     python eval/seeds.py runs/flickr8k/scst-s0 runs/flickr8k/scst-s1 runs/flickr8k/scst-s2
 """
@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY
+from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY, RERANK
 from captioner.encoders import VIEWS
 from captioner.errors import CaptionerError
 from captioner.evaluate import METRIC_ORDER, evaluate
@@ -29,11 +29,12 @@ def main() -> None:
     p.add_argument("--split", default="dev")
     p.add_argument("--beam-size", type=int, default=BEAM_SIZE)
     p.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY)
+    p.add_argument("--rerank", type=int, default=RERANK)
     p.add_argument("--views", type=int, choices=VIEWS, default=1, help="views averaged per image (as captioner evaluate)")
     p.add_argument("--no-pairs", action="store_true", help="score the checkpoints alone only")
     args = p.parse_args()
     score = lambda model: evaluate(model, args.data, args.split, args.beam_size, length_penalty=args.length_penalty,
-                                   progress=False, views=args.views)["metrics"]
+                                   progress=False, views=args.views, rerank=args.rerank)["metrics"]
     names = [Path(c).stem if Path(c).is_file() else Path(c).name for c in args.checkpoints]
     lines = ["| model | " + " | ".join(METRIC_ORDER) + " |", "| --- " * (1 + len(METRIC_ORDER)) + "|"]
     groups: dict[str, list[dict]] = {"single": [], "pair": []}
@@ -61,7 +62,8 @@ def main() -> None:
             cells = [f"{statistics.mean(x[k] for x in ms):.2f} ± {statistics.stdev(x[k] for x in ms):.2f}"
                      for k in METRIC_ORDER]
             lines.append(f"| **{kind}: mean ± sd over {len(ms)}** | " + " | ".join(cells) + " |")
-    print(f"\n{args.split} split, beam {args.beam_size}, length penalty {args.length_penalty}, {args.views} view(s):\n")
+    print(f"\n{args.split} split, beam {args.beam_size}, reranked {args.rerank}, length penalty {args.length_penalty}, "
+          f"{args.views} view(s):\n")
     print("\n".join(lines))
 
 

@@ -24,6 +24,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from captioner import webapp  # noqa: E402
 from captioner.images import ImageError  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, Captioner  # noqa: E402
+from captioner.defaults import BEAM_SIZE, RERANK  # noqa: E402
 
 MAX_UPLOAD_MB = 2
 CHROMIUM = "/usr/bin/chromium"
@@ -127,7 +128,7 @@ def test_photo_gets_caption_alternatives_and_timing(client, photo):
     text, alts, details = caption(client, photo)
     assert text.strip() and text == alts["data"][0][0]
     assert len(alts["data"]) == 3 and alts["headers"] == webapp.ALT_HEADERS
-    assert details.endswith(" s · beam search (beam 3)")
+    assert details.endswith(f" s · beam search (beam {BEAM_SIZE}, top {RERANK} reranked by agreement)")
 
 
 @pytest.mark.parametrize("method", ["Greedy", "Sampling", "Beam search"])
@@ -202,8 +203,9 @@ def test_bad_settings_give_a_message(client, photo):
 def test_views_setting_averages_views_and_is_checked(client, cap, photo):
     """The page's Views setting is `captioner caption --views N`; other values are refused with a message."""
     text, alts, details = caption(client, photo, "Beam search", 3, 20, 3, 1.0, 6)
-    assert details.endswith("beam search (beam 3) · 6 views")
-    assert [row[0] for row in alts["data"]] == [t for t, _ in cap.caption_full([photo], n_best=3, views=6)[0].alternatives]
+    assert details.endswith(f"beam search (beam 3, top {RERANK} reranked by agreement) · 6 views")
+    want = cap.caption_full([photo], beam_size=3, n_best=3, views=6)[0].alternatives
+    assert [row[0] for row in alts["data"]] == [t for t, _ in want]
     with pytest.raises(AppError, match="views must be one of 1, 2, 6, got 4"):
         caption(client, photo, "Beam search", 3, 20, 3, 1.0, 4)
 

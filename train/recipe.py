@@ -182,7 +182,7 @@ class Recipe:
         what = bundle(self.out / "model.safetensors", [runs[s] for s in kept], storage=self.storage)
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
         res = score(self.out / "model.safetensors", "eval-dev")
-        decoding = {k: res["settings"][k] for k in ("beam_size", "length_penalty", "precision")}
+        decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "length_penalty", "precision")}
         return {"metrics": res["metrics"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
                 "decoding": decoding}
 

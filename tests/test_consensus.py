@@ -1,0 +1,54 @@
+"""Consensus reranking: its BLEU+1 against NLTK's, its choice on constructed lists, and Captioner.decode."""
+import random
+
+import pytest
+import torch
+
+from captioner.consensus import _bleu1, _ngrams, agreement, rerank
+
+
+def test_bleu_plus_one_equals_nltk_method2():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    rng, smooth = random.Random(0), SmoothingFunction().method2
+    for _ in range(2000):  # a 6-word alphabet: plenty of matches, misses and captions shorter than 4
+        h = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+        r = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+        want = sentence_bleu([r], h, smoothing_function=smooth)
+        assert _bleu1(_ngrams(h), len(h), _ngrams(r), len(r)) == pytest.approx(want, abs=1e-12)
+
+
+def test_rerank_picks_the_caption_the_others_support():
+    odd, a, b, c = [9, 9, 9], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]
+    # the beam's best is an outlier; among the first three, [1, 2, 3, 4] agrees most with all four
+    assert rerank([odd, a, b, c], candidates=3, evidence=4) == [1, 2, 0, 3]
+    assert agreement([odd, a, b, c], 3, 4)[0] == 0.0
+    # only the first `evidence` captions vote: with two, the outlier and `a` just compare with each other
+    s = agreement([odd, a, b, c], 2, 2)
+    assert s[0] == s[1] == 0.0 and rerank([odd, a, b, c], 2, 2) == [0, 1, 2, 3]  # a tie keeps the beam's order
+
+
+@pytest.mark.parametrize("candidates,evidence", [(0, 5), (1, 5), (3, 1), (3, 0)])
+def test_rerank_off_keeps_the_beam_order(candidates, evidence):
+    caps = [[1], [2, 3], [2, 3, 4], [5]]
+    assert rerank(caps, candidates, evidence) == [0, 1, 2, 3]
+
+
+def test_decode_reranks_within_the_beam(photos):
+    from captioner.inference import Captioner
+    cap = Captioner.load(precision="float32")
+    feats = cap.encode(sorted(photos.glob("*.jpg"))[:8])
+    plain = cap.decode(feats, beam_size=10, n_best=10, rerank=0)
+    for r in (3, 10):
+        got = cap.decode(feats, beam_size=10, n_best=10, rerank=r)
+        for p, g in zip(plain, got):
+            texts = [t for t, _ in p.alternatives]
+            assert sorted(g.alternatives) == sorted(p.alternatives)  # the same ten, reordered
+            assert g.text in texts[:r] and [t for t, _ in g.alternatives][r:] == texts[r:]
+            want = agreement([cap.vocab.encode(t)[1:-1] for t in texts], r, 10)
+            assert want[texts.index(g.text)] == max(want)
+    # one caption asked for: still the reranked one, and every beam still votes
+    one = cap.decode(feats, beam_size=10, rerank=3)
+    assert [c.text for c in one] == [c.text for c in cap.decode(feats, beam_size=10, n_best=10, rerank=3)]
+    assert [c.text for c in cap.decode(feats, beam_size=1, rerank=3)] == \
+        [c.text for c in cap.decode(feats, beam_size=1, rerank=0)]  # greedy has nothing to rerank
+    assert any(a.text != b.alternatives[0][0] for a, b in zip(one, plain)), "reranking changed no caption"
