@@ -2,7 +2,8 @@
 import random
 
 import pytest
-import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captioner.consensus import _bleu1, _ngrams, agreement, rerank
 
@@ -31,6 +32,18 @@ def test_rerank_picks_the_caption_the_others_support():
 def test_rerank_off_keeps_the_beam_order(candidates, evidence):
     caps = [[1], [2, 3], [2, 3, 4], [5]]
     assert rerank(caps, candidates, evidence) == [0, 1, 2, 3]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=8), max_size=12), st.integers(0, 12), st.integers(0, 12))
+def test_rerank_is_a_permutation_that_moves_only_the_candidates(caps, candidates, evidence):
+    order = rerank(caps, candidates, evidence)
+    assert sorted(order) == list(range(len(caps)))
+    head = min(candidates, len(caps)) if candidates >= 2 and evidence >= 2 and len(caps) >= 2 else 0
+    assert sorted(order[:head]) == list(range(head)) and order[head:] == list(range(head, len(caps)))
+    scores = agreement(caps, candidates, evidence) if head else []
+    assert all(0.0 <= x <= 1.0 for x in scores)
+    assert [scores[i] for i in order[:head]] == sorted(scores, reverse=True)
 
 
 def test_decode_reranks_within_the_beam(photos):
