@@ -26,7 +26,7 @@ BUNDLE_STORAGES = ("float16", "int8")  # what a file to ship may use (checkpoint
 class Caption:
     text: str
     logprob: float
-    alternatives: list[tuple[str, float]]  # n-best (text, logprob), best first; includes `text`
+    alternatives: list[tuple[str, float]]  # n-best (text, logprob), best first (after reranking); `text` first
 
 
 def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: Encoder,
