@@ -94,15 +94,16 @@ def caption_images(cap: "Captioner", images: list, method: str = "Beam search", 
     return [c.alternatives for c in cap.decode(features, beam_size, max_len, n_best, rerank=rerank)]
 
 
-def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1) -> tuple:
+def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1,
+              rerank: Any = RERANK) -> tuple:
     """API callers can send anything: check it here so a bad value is a message, not a traceback."""
     if method not in METHODS:
         raise CaptionerError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
     try:
         beam_size, max_len, n_best, temperature = int(beam_size), int(max_len), int(n_best), float(temperature)
-        views = int(views)
+        views, rerank = int(views), int(rerank)
     except (TypeError, ValueError):
-        raise CaptionerError("beam size, max length, alternatives, temperature and views must be numbers") from None
+        raise CaptionerError("beam size, max length, alternatives, temperature, views and rerank must be numbers") from None
     if views not in VIEWS:
         raise CaptionerError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views}")
     for name, v, hi in (("beam size", beam_size, MAX_BEAM), ("max length", max_len, MAX_WORDS),
@@ -111,7 +112,9 @@ def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperatur
             raise CaptionerError(f"{name} must be between 1 and {hi}, got {v}")
     if not 0.05 <= temperature <= 5:
         raise CaptionerError(f"temperature must be between 0.05 and 5, got {temperature}")
-    return method, beam_size, max_len, n_best, temperature, views
+    if not 0 <= rerank <= MAX_BEAM:
+        raise CaptionerError(f"rerank must be between 0 and {MAX_BEAM}, got {rerank}")
+    return method, beam_size, max_len, n_best, temperature, views, rerank
 
 
 def _open_upload(path: str, name: str, max_bytes: float, draft_size: int | None = None):
@@ -133,9 +136,10 @@ def _alternatives_table(alts: list[tuple[str, float]]) -> list[list]:
     return [[text, round(lp, 3), f"{w / sum(weights):.1%}"] for (text, lp), w in zip(alts, weights)]
 
 
-def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperature: float, views: int) -> str:
+def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperature: float, views: int,
+              rerank: int = RERANK) -> str:
     if method == "Beam search":
-        top = min(RERANK, beam_size)
+        top = min(rerank, beam_size)
         text = f"beam search (beam {beam_size}" + (f", top {top} reranked by agreement)" if top > 1 else ")")
     else:
         text = f"sampling (temperature {temperature:g})" if method == "Sampling" else "greedy"
@@ -167,13 +171,13 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
     def done() -> None:
         trim_if_due(next(served), TRIM_REQUESTS)
 
-    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1):
+    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=RERANK):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
         if not image:
             return "", [], ""
         t0 = time.perf_counter()
         try:
-            settings = _settings(method, beam_size, max_len, n_best, temperature, views)
+            settings = _settings(method, beam_size, max_len, n_best, temperature, views, rerank)
             img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes, draft)
             alts = caption_images(cap, [img], *settings)[0]
         except CaptionerError as e:
@@ -183,14 +187,15 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         details = f"{time.perf_counter() - t0:.2f} s · {_describe(*settings)}"
         return alts[0][0], _alternatives_table(alts), details
 
-    def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature, views=1):
+    def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature, views=1,
+                      rerank=RERANK):
         """One row per file (bad files get their message in the error column), plus CSV and JSON files."""
         if not paths:
             raise gr.Error("Choose some image files first.", print_exception=False)
         if len(paths) > MAX_BATCH:
             raise gr.Error(f"At most {MAX_BATCH} files at once (got {len(paths)}).", print_exception=False)
         try:
-            settings = _settings(method, beam_size, max_len, 1, temperature, views)
+            settings = _settings(method, beam_size, max_len, 1, temperature, views, rerank)
         except CaptionerError as e:
             raise gr.Error(str(e), print_exception=False)
         t0 = time.perf_counter()
@@ -251,13 +256,16 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                 max_len = gr.Slider(1, MAX_WORDS, value=20, step=1, label="Max length (words)")
                 n_best = gr.Slider(1, MAX_ALTERNATIVES, value=3, step=1, label="Alternatives",
                                    info="captions listed (beam search and sampling)")
+                rerank = gr.Slider(0, MAX_BEAM, value=RERANK, step=1, label="Rerank",
+                                   info="beam search only: its N best compete, and the one that agrees most with all "
+                                        "its captions is shown; 0 or 1 = the most probable")
             views = gr.Radio(list(VIEWS), value=1, label="Views",
                              info="views of the image whose features are averaged: 6 (the image, its mirror image and "
                                   "four corner crops) scores best on Flickr8k dev but runs the encoder 6 times")
-        settings = [method, beam, max_len, n_best, temperature, views]
+        settings = [method, beam, max_len, n_best, temperature, views, rerank]
         limit = dict(concurrency_limit=concurrency, concurrency_id="model")  # one limit shared by both events
         gr.on([image.change, method.change, beam.release, max_len.release, n_best.release, temperature.release,
-               views.change],
+               views.change, rerank.release],
               caption_one, inputs=[image, *settings], outputs=[caption, alternatives, details],
               api_name="caption", preprocess=False, trigger_mode="always_last", **limit)
         run_batch.click(caption_batch, inputs=[files, *settings], outputs=[table, downloads, batch_summary],

@@ -210,6 +210,18 @@ def test_views_setting_averages_views_and_is_checked(client, cap, photo):
         caption(client, photo, "Beam search", 3, 20, 3, 1.0, 4)
 
 
+def test_rerank_setting_is_the_clis_and_is_checked(client, cap, photo):
+    """The page's Rerank setting is `captioner caption --rerank N`: 0 shows the beam's most probable captions
+    in order; values outside 0..10 are refused with a message."""
+    for r in (0, 5):
+        text, alts, details = caption(client, photo, "Beam search", 10, 20, 10, 1.0, 1, r)
+        want = cap.caption_full([photo], beam_size=10, n_best=10, rerank=r)[0].alternatives
+        assert [row[0] for row in alts["data"]] == [t for t, _ in want] and text == want[0][0]
+        assert details.endswith("beam search (beam 10)" if r == 0 else "beam search (beam 10, top 5 reranked by agreement)")
+    with pytest.raises(AppError, match="rerank must be between 0 and 10, got 11"):
+        caption(client, photo, "Beam search", 10, 20, 3, 1.0, 1, 11)
+
+
 def test_batch_table_csv_and_json(client, photo, tmp_path):
     bad = make_bad("not_image", tmp_path, photo)
     table, files, summary = client.predict([handle_file(str(photo)), handle_file(str(bad))],
