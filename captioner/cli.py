@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset path, as for train")
     e.add_argument("--split", default="test", help="train, dev (val) or test")
     e.add_argument("--images", help="images folder, where the annotations do not say")
-    e.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE)
+    e.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE, help="as for caption")
     e.add_argument("--max-len", type=_positive_int, default=20)
     e.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, help="as for caption")
     e.add_argument("--rerank", type=_nonneg_int, default=RERANK, help="as for caption")
