@@ -152,6 +152,9 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
     after, _ = load_tensors(tmp_path / "ft-scst" / "best.safetensors")
     assert torch.equal(after[f"encoder.{head}"], tensors[f"encoder.{head}"])
     # eval/last_epoch.py writes the last epoch's tuned stage from the resumable state (it refused tuned runs before).
+    # A one-epoch run's best epoch is its last, so best.safetensors is moved off first: the script must not copy it.
+    from captioner.checkpoint import save_tensors
+    save_tensors(tmp_path / "ft" / "best.safetensors", {k: v + 0.5 if v.is_floating_point() else v for k, v in tensors.items()}, meta)
     script = ROOT / "eval" / "last_epoch.py"
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "ft")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -159,7 +162,9 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
     state, _ = load_tensors(tmp_path / "ft" / "state.safetensors")
     assert last_meta["encoder"]["tuned_stages"] == 1
     assert torch.equal(last[f"encoder.{head}"], state[f"encoder.{head}"].to(last[f"encoder.{head}"].dtype))
-    from captioner.checkpoint import save_tensors
+    weight = next(k for k in last if k.startswith("decoder.") and k.endswith("weight"))
+    assert torch.equal(last[weight], state["model." + weight[len("decoder."):]].to(last[weight].dtype))
+    assert not torch.equal(last[weight], tensors[weight] + 0.5)
     for stages, msg in ((2, "Missing key"), (99, "not 99 to fine-tune")):  # the stages said do not match the weights
         save_tensors(tmp_path / "odd.safetensors", tensors,
                      {**meta, "encoder": {**meta["encoder"], "tuned_stages": stages}})
