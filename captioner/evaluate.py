@@ -44,6 +44,19 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
     return out
 
 
+def view_features(cap: Captioner, images: list, views: int = 1, cache_dir: str | None = None, workers: int = 2,
+                  progress: bool = True, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, list]:
+    """Cached features of the images' `views` test views, averaged, for the images every view could read
+    (the mask), and the paths of those it could not; each view is cached on its own."""
+    pres = test_views(cap.encoder.preprocess, views)
+    sets = [model_features(cap.encoder, images, cache_dir, workers=workers, progress=progress, device=device,
+                           preprocess=pre) for pre in pres]
+    mask = np.logical_and.reduce([s.valid_mask() for s in sets])
+    feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
+                          cap.encoder.pool, pres)
+    return feats, mask, sorted(set().union(*(s.bad for s in sets)))
+
+
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
@@ -58,16 +71,10 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     cap = Captioner.load(model, device=device, precision=precision)
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
-    pres = test_views(cap.encoder.preprocess, views)
-    sets = [model_features(cap.encoder, [r.image for r in records], cache_dir, workers=workers, progress=progress,
-                           device=device, preprocess=pre)
-            for pre in pres]  # each view cached on its own
-    mask = np.logical_and.reduce([s.valid_mask() for s in sets])
+    feats, mask, bad = view_features(cap, [r.image for r in records], views, cache_dir, workers, progress, device)
     kept = [r for r, ok in zip(records, mask) if ok]
     if not kept:
         raise CaptionerError("no readable images to evaluate")
-    feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
-                          cap.encoder.pool, pres)
     hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress, rerank=rerank)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
@@ -75,7 +82,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
                            "beam_size": beam_size, "rerank": rerank, "max_len": max_len, "length_penalty": length_penalty, "device": device,
                            "views": views,
-                           "precision": cap.precision, "images": len(kept), "skipped_images": sorted(set().union(*(s.bad for s in sets))), "scale": "0-100",
+                           "precision": cap.precision, "images": len(kept), "skipped_images": bad, "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",
                            "seconds": round(time.time() - t0, 1)},
               "notes": notes}

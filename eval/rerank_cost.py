@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from bench import PHOTO, ROOT, median_ms  # eval/bench.py, beside this script
 from captioner import consensus
 from captioner.data import load_dataset
-from captioner.features import model_features
+from captioner.decoding import beam_search
+from captioner.defaults import LENGTH_PENALTY
+from captioner.evaluate import view_features
 from captioner.inference import Captioner
 
 SETTINGS = {"beam 3, no reranking (before)": dict(beam_size=3, rerank=0),
@@ -44,8 +45,7 @@ def main() -> None:
 
     print(f"\n2. batched decoding, {args.images} Flickr8k dev images, 100 a call")
     recs = load_dataset(ROOT.parent / "shared" / "data" / "flickr8k", split="dev").records[:args.images]
-    fs = model_features(cap.encoder, [r.image for r in recs], None, progress=False)
-    feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
+    feats, _, _ = view_features(cap, [r.image for r in recs], progress=False)
     base = None
     for name, kw in SETTINGS.items():
         cap.decode(feats[:100], **kw)  # warm-up
@@ -55,8 +55,8 @@ def main() -> None:
         s = time.perf_counter() - t
         base = base or s
         print(f"   {name}: {s:.2f} s, {len(feats) / s:.0f} captions/s ({s / base:.2f}x)")
-    lists = [[cap.vocab.encode(t)[1:-1] for t, _ in c.alternatives]
-             for i in range(0, len(feats), 100) for c in cap.decode(feats[i:i + 100], beam_size=10, n_best=10, rerank=0)]
+    lists = [[h.tokens for h in hs] for i in range(0, len(feats), 100)
+             for hs in beam_search(cap.decoder, feats[i:i + 100], cap.vocab, 10, 20, LENGTH_PENALTY, 10, suppress_unk=True)]
     t = time.perf_counter()
     for caps in lists:
         consensus.rerank(caps, 3, len(caps))

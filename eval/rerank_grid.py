@@ -9,17 +9,15 @@ Each beam is decoded once with its whole n-best list; the picks are made from th
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-import torch
 
 from captioner.consensus import agreement
 from captioner.data import load_dataset
+from captioner.decoding import beam_search
 from captioner.defaults import LENGTH_PENALTY
-from captioner.encoders import VIEWS, average_views, test_views
-from captioner.evaluate import METRIC_ORDER
-from captioner.features import model_features
+from captioner.encoders import VIEWS
+from captioner.evaluate import METRIC_ORDER, view_features
 from captioner.inference import Captioner
 from captioner.metrics import all_metrics
 
@@ -36,28 +34,23 @@ def main() -> None:
     args = p.parse_args()
     cap = Captioner.load(args.model)
     recs = load_dataset(args.data, split="dev").records
-    pres = test_views(cap.encoder.preprocess, args.views)
-    sets = [model_features(cap.encoder, [r.image for r in recs], None, progress=False, preprocess=pre) for pre in pres]
-    feats = average_views([torch.from_numpy(np.asarray(s.features, dtype=np.float32)) for s in sets],
-                          cap.encoder.pool, pres)
+    feats, mask, _ = view_features(cap, [r.image for r in recs], args.views, progress=False)
+    recs = [r for r, ok in zip(recs, mask) if ok]
     refs = [r.captions for r in recs]
     print(f"model {args.model or 'bundled'}, {args.views} view(s), {cap.precision} decoder weights, "
           f"length penalty {LENGTH_PENALTY}, {len(recs)} dev images\n")
     print("| beam K | competing H | voting E | " + " | ".join(METRIC_ORDER) + " | words a caption |")
     print("| --- " * (4 + len(METRIC_ORDER)) + "|")
-    lists: dict[int, list] = {}
+    nbest: dict[int, list] = {}  # beam K's whole n-best lists, as Captioner.decode gets them
     for k, h, e in GRID:
-        if k not in lists:
-            t = time.time()
-            lists[k] = [c.alternatives for i in range(0, len(feats), 100)
-                        for c in cap.decode(feats[i:i + 100], beam_size=k, n_best=k, rerank=0)]
-            ids = [[cap.vocab.encode(text)[1:-1] for text, _ in alts] for alts in lists[k]]
-            lists[k] = (lists[k], ids, time.time() - t)
-        alts, ids, _ = lists[k]
+        if k not in nbest:
+            nbest[k] = [hs for i in range(0, len(feats), 100)
+                        for hs in beam_search(cap.decoder, feats[i:i + 100], cap.vocab, k, 20, LENGTH_PENALTY, k,
+                                              suppress_unk=True)]
         picks = []
-        for a, caps in zip(alts, ids):
-            score = agreement(caps, h, e) if h > 1 else [0.0]
-            picks.append(a[int(np.argmax(score))][0])  # argmax keeps the first of a tie: the beam's order
+        for hs in nbest[k]:
+            score = agreement([x.tokens for x in hs], h, e) if h > 1 else [0.0]
+            picks.append(cap.vocab.decode(hs[int(np.argmax(score))].tokens))  # a tie keeps the beam's order
         m, _, _ = all_metrics(picks, refs)
         words = np.mean([len(c.split()) for c in picks])
         print(f"| {k} | {h} | {e} | " + " | ".join(f"{m[x]:.2f}" for x in METRIC_ORDER if x in m)
