@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     t.add_argument("--select", choices=SELECT, default=d.select,
                    help="the epoch kept as best.safetensors: best greedy dev BLEU-4, lowest dev loss, or the last")
+    t.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the decoder's weights (e.g. 0.999 per step) and score, "
+                        "select and save it; the raw weights' dev scores are logged beside it and their best kept as "
+                        "RUN_DIR/best_raw.safetensors (0 = off)")
     t.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="stop after this many epochs without a better dev BLEU-4")
     t.add_argument("--seed", type=int, default=d.seed)

@@ -2,7 +2,8 @@
 
 The run folder holds everything: config.json (to repeat the run), metrics.jsonl and curves.png, best.safetensors
 (the model with the best dev BLEU-4, from real greedy decoding), state.safetensors (model, optimizer, RNG and
-position, for --resume) and bad_images.txt when some images could not be read.
+position, for --resume) and bad_images.txt when some images could not be read. With --ema, best.safetensors is
+the weights' moving average and best_raw.safetensors the trained weights' own best epoch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prefixed,
@@ -75,6 +77,8 @@ class TrainConfig:
     grad_clip: float = 5.0
     patience: int = 4
     select: str = "bleu"  # the epoch kept in best.safetensors: SELECT
+    ema: float = 0.0  # > 0: score, select and save an exponential moving average of the decoder's weights (this
+    # decay per step); the raw weights' dev scores are logged beside it and their best kept as best_raw.safetensors
     seed: int = 0
     workers: int = 2
     cache_dir: str | None = None
@@ -113,6 +117,9 @@ class TrainConfig:
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
                   (0 <= self.sample_prob < 1, "sample prob must be in [0, 1)"),
+                  (0 <= self.ema < 1, "ema must be in [0, 1) (0 = off)"),
+                  (not (self.ema and self.fine_tune_blocks), "ema averages the decoder only; it cannot be combined "
+                   "with fine_tune_blocks"),
                   (not self.sample_prob or self.num_layers == 1, "scheduled sampling needs one LSTM layer"),
                   (self.fine_tune_blocks >= 0, "fine-tune blocks must be >= 0"), (self.workers >= 0, "workers must be >= 0"),
                   (self.image_size == 0 or 32 <= self.image_size <= 1024, "image size must be 0 or 32..1024"),
@@ -364,6 +371,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         params = params + enc_params
     optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     top = TunedTop(Trunk(encoder, cfg.fine_tune_blocks)) if fine_tune else None
+    # --ema: a copy of the decoder that trails the trained weights, updated after every step; it is what the dev
+    # split scores and best.safetensors keeps, because it averages out the last epochs' noise
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
 
     def feature_batch(rows: list[int]) -> torch.Tensor:  # cached rows (float16) on the device, widened
         return to_device(feats[rows], cfg.device).float()
@@ -380,10 +390,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             _restore_optim(optim, tensors, meta["param_groups"])
             torch.set_rng_state(tensors["rng.torch"])
             st = meta["progress"]
+            ema_saved = prefixed(tensors, "ema.")
+            if averaged is not None and ema_saved:
+                averaged.load_state_dict(ema_saved)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CaptionerError(f"{out / 'state.safetensors'} does not fit this run's vocab.json and config.json "
                                  f"({first_problem(e)})") from None
         log(f"resuming at epoch {st['epoch'] + 1}, batch {st['batch']} (step {st['step']})")
+        if averaged is not None and not ema_saved:
+            log("--ema: the saved state has no average yet; it starts from the weights as they are now")
     ddp = dctx.wrap(model, cfg.device)  # the model itself with one process
     top_fwd = dctx.wrap(top, cfg.device) if fine_tune else None
     amp, scaler = autocast(cfg.device, cfg.amp)  # a null context and no scaler unless --amp
@@ -395,12 +410,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if not dctx.is_main:
             return
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim.state_dict()["param_groups"]]
-        save_tensors(out / "state.safetensors", _state_tensors(model, encoder, optim, fine_tune),
-                     {"progress": st, "param_groups": groups, "config": asdict(cfg)})
+        tensors = _state_tensors(model, encoder, optim, fine_tune)
+        if averaged is not None:
+            tensors.update({f"ema.{k}": v for k, v in averaged.state_dict().items()})
+        save_tensors(out / "state.safetensors", tensors, {"progress": st, "param_groups": groups, "config": asdict(cfg)})
 
     @torch.inference_mode()
-    def evaluate() -> dict:
-        model.eval()
+    def evaluate(m: ShowAndTell) -> dict:
+        was_training = m.training
+        m.eval()
         dev_batch = feature_batch
         if fine_tune:  # the tuned stages changed: the dev images' features, once
             encoder.eval()
@@ -411,18 +429,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for i in range(0, len(dev_items), 256):
             rows, seqs = zip(*dev_items[i:i + 256])
             caps, lens = _pad(list(seqs))
-            logits, targets = model(dev_batch(list(rows)), caps.to(cfg.device), lens)
+            logits, targets = m(dev_batch(list(rows)), caps.to(cfg.device), lens)
             losses += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             n += targets.numel()
         hyps = []
         for i in range(0, len(dev_rows), 256):
             f = dev_batch(dev_rows[i:i + 256])
             if cfg.eval_beam > 1:
-                hs = [h[0] for h in beam_search(model, f, vocab, cfg.eval_beam, cfg.max_len)]
+                hs = [h[0] for h in beam_search(m, f, vocab, cfg.eval_beam, cfg.max_len)]
             else:
-                hs = greedy(model, f, vocab, cfg.max_len)
+                hs = greedy(m, f, vocab, cfg.max_len)
             hyps += [vocab.decode(h.tokens) for h in hs]
-        model.train()
+        m.train(was_training)
         encoder.train(fine_tune)
         return {"dev_loss": losses / max(n, 1), **{f"dev_{k}": v for k, v in bleu(hyps, dev_refs).items()},
                 "dev_example": hyps[0] if hyps else ""}
@@ -464,6 +482,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     else:
                         loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing, sample_prob)
                 optimizer_step(loss, optim, params, scaler, cfg.grad_clip)
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 loss_value, halt = loss.item(), False
                 if dctx.enabled:  # the global batch's mean loss; every rank stops when any one was interrupted
                     loss_value, halt = dctx.sum([loss_value, float(stop["flag"])], cfg.device)
@@ -484,25 +504,38 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     raise Interrupted
             bar.close()
             # --- end of epoch: evaluate with real decoding, keep the best, maybe stop early ---
-            scores = dctx.broadcast(evaluate() if dctx.is_main else None)  # DDP: rank 0 decodes the dev split
+            kept_model = averaged.module if averaged is not None else model
+            scores = dctx.broadcast(evaluate(kept_model) if dctx.is_main else None)  # DDP: rank 0 decodes the dev split
+            raw = dctx.broadcast(evaluate(model) if dctx.is_main else None) if averaged is not None else {}
             row = {"epoch": epoch + 1, "step": st["step"], "lr": optim.param_groups[0]["lr"],
                    "train_loss": st["train_loss_sum"] / max(st["train_loss_n"], 1),
                    **({"sample_prob": sample_prob} if cfg.sample_prob else {}),
-                   "epoch_seconds": round(time.time() - t_epoch, 1), **scores}
+                   "epoch_seconds": round(time.time() - t_epoch, 1), **scores,
+                   **{f"raw_{k}": v for k, v in raw.items() if k != "dev_example"}}
             st["history"].append(row)
+
+            def keep(m: ShowAndTell, name: str, sc: dict) -> None:
+                save_model(out / name, m, vocab, encoder, extra={"train": {
+                    "epoch": epoch + 1, "dev": {k: v for k, v in sc.items() if k.startswith("dev_BLEU")},
+                    "config": asdict(cfg)}})
             score = {"bleu": scores["dev_BLEU-4"], "loss": -scores["dev_loss"], "last": epoch + 1}[cfg.select]
             improved = st["best_epoch"] == 0 or score > st["best_score"]
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = score, epoch + 1, 0
                 if dctx.is_main:
-                    save_model(out / "best.safetensors", model, vocab, encoder,
-                               extra={"train": {"epoch": epoch + 1, "dev": {k: v for k, v in row.items()
-                                                                            if k.startswith("dev_BLEU")},
-                                                "config": asdict(cfg)}})
+                    keep(kept_model, "best.safetensors", scores)
             else:
                 st["bad_epochs"] += 1
+            if raw:  # the raw weights' own pick, for comparison with the average
+                raw_score = {"bleu": raw["dev_BLEU-4"], "loss": -raw["dev_loss"], "last": epoch + 1}[cfg.select]
+                if "best_raw_score" not in st or raw_score > st["best_raw_score"]:
+                    st["best_raw_score"], st["best_raw_epoch"] = raw_score, epoch + 1
+                    if dctx.is_main:
+                        keep(model, "best_raw.safetensors", raw)
             log(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, dev loss {row['dev_loss']:.3f}, "
-                f"dev BLEU-4 {scores['dev_BLEU-4']:.2f}{' (best)' if improved else ''}; e.g. \"{scores['dev_example']}\"")
+                f"dev BLEU-4 {scores['dev_BLEU-4']:.2f}{' (best)' if improved else ''}"
+                + (f" (raw weights: {raw['dev_loss']:.3f}, {raw['dev_BLEU-4']:.2f})" if raw else "")
+                + f"; e.g. \"{scores['dev_example']}\"")
             st.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0)
             if dctx.is_main:
                 atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in st["history"]))

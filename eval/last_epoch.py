@@ -3,9 +3,10 @@
 `captioner train` keeps the epoch with the best greedy dev BLEU-4 (best.safetensors); its resumable state
 (state.safetensors) holds the last epoch's weights, a fine-tuned encoder's included. This turns them into
 a model checkpoint that `captioner evaluate` and `captioner train --scst --init` take, to compare the two
-picks.
+picks. A run trained with --ema writes its average's last epoch (what the run scores and keeps), or with --raw
+the trained weights'.
 
-    python eval/last_epoch.py RUN [--out RUN/last.safetensors]
+    python eval/last_epoch.py RUN [--out RUN/last.safetensors] [--raw]
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a cross-entropy run folder (best.safetensors and state.safetensors)")
     p.add_argument("--out", help="where to write it (default: RUN/last.safetensors)")
+    p.add_argument("--raw", action="store_true", help="an --ema run: the trained weights, not their average")
     args = p.parse_args()
     run = Path(args.run)
     try:
         model, vocab, encoder, meta = load_model(run / "best.safetensors")
         tensors, state_meta = load_tensors(run / "state.safetensors")
-        model.load_state_dict(prefixed(tensors, "model."))
+        averaged = prefixed(tensors, "ema.module.")
+        model.load_state_dict(averaged if averaged and not args.raw else prefixed(tensors, "model."))
         tuned = prefixed(tensors, "encoder.")
         if tuned:  # a --fine-tune-blocks run: its encoder's last epoch too (save_model ships what it must)
             encoder.load_state_dict(tuned)

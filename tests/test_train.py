@@ -451,3 +451,48 @@ def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
     picked = [9, 0, 4, 5, 5, 7]
     assert len(rows) == 10 and torch.equal(rows[picked], torch.from_numpy(table[picked]))
     rows.close()
+
+
+def test_ema_keeps_the_average_resumes_exactly_and_logs_the_raw_weights(tiny_data, tmp_path):
+    """--ema: best.safetensors is the average, best_raw.safetensors the trained weights; an interrupted run resumes
+    to the same average."""
+    summary = train(_cfg(tiny_data, tmp_path / "full", ema=0.9, select="last"), progress=False)
+    state, _ = load_tensors(tmp_path / "full" / "state.safetensors")
+    best, _ = load_tensors(tmp_path / "full" / "best.safetensors")
+    raw, _ = load_tensors(tmp_path / "full" / "best_raw.safetensors")
+    assert summary["best_epoch"] == 3
+    assert torch.equal(best["decoder.out.weight"].float(), state["ema.module.out.weight"].float())
+    assert torch.equal(raw["decoder.out.weight"].float(), state["model.out.weight"].float())
+    assert not torch.equal(state["ema.module.out.weight"], state["model.out.weight"])
+    script = ROOT / "eval" / "last_epoch.py"  # the average's last epoch by default, the trained weights' with --raw
+    for extra, key in (([], "ema.module.out.weight"), (["--raw"], "model.out.weight")):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / "full"), "--out", str(tmp_path / "last.safetensors"),
+                            *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        last, _ = load_tensors(tmp_path / "last.safetensors")
+        assert torch.equal(last["decoder.out.weight"].float(), state[key].float()), extra
+    hist = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("raw_dev_loss" in h and "raw_dev_BLEU-4" in h and h["raw_dev_loss"] != h["dev_loss"] for h in hist)
+
+    with pytest.raises(Interrupted):
+        train(_cfg(tiny_data, tmp_path / "cut", ema=0.9, select="last", stop_after_steps=8), progress=False)
+    cfg = resume_config(tmp_path / "cut")
+    cfg.stop_after_steps = 0
+    train(cfg, resume=True, progress=False)
+    again, _ = load_tensors(tmp_path / "cut" / "state.safetensors")
+    assert state.keys() == again.keys()
+    for k in state:
+        assert torch.equal(state[k], again[k]), k
+
+    # a run started without an average picks one up on --resume, from the weights as they are then
+    train(_cfg(tiny_data, tmp_path / "late", epochs=1), progress=False)
+    cfg = resume_config(tmp_path / "late")
+    cfg.epochs, cfg.ema = 2, 0.9
+    train(cfg, resume=True, progress=False)
+    late, _ = load_tensors(tmp_path / "late" / "state.safetensors")
+    assert "ema.n_averaged" in late and int(late["ema.n_averaged"]) > 0
+    for bad, msg in ((1.0, "ema must be in"), (-0.1, "ema must be in")):
+        with pytest.raises(CaptionerError, match=msg):
+            _cfg(tiny_data, tmp_path / "x", ema=bad).validate()
+    with pytest.raises(CaptionerError, match="fine_tune_blocks"):
+        _cfg(tiny_data, tmp_path / "x", ema=0.9, fine_tune_blocks=1).validate()
