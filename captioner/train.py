@@ -183,6 +183,11 @@ def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
+def _selection_score(scores: dict, epoch: int, select: str) -> float:
+    """What --select compares between epochs: higher is better."""
+    return {"bleu": scores["dev_BLEU-4"], "loss": -scores["dev_loss"], "last": epoch}[select]
+
+
 def _state_tensors(model: ShowAndTell, encoder, optim: torch.optim.Optimizer, fine_tune: bool) -> dict:
     t = {f"model.{k}": v for k, v in model.state_dict().items()}
     if fine_tune:
@@ -415,6 +420,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             tensors.update({f"ema.{k}": v for k, v in averaged.state_dict().items()})
         save_tensors(out / "state.safetensors", tensors, {"progress": st, "param_groups": groups, "config": asdict(cfg)})
 
+    def save_pick(m: ShowAndTell, name: str, epoch: int, scores: dict) -> None:
+        save_model(out / name, m, vocab, encoder, extra={"train": {
+            "epoch": epoch, "dev": {k: v for k, v in scores.items() if k.startswith("dev_BLEU")}, "config": asdict(cfg)}})
+
     @torch.inference_mode()
     def evaluate(m: ShowAndTell) -> dict:
         was_training = m.training
@@ -513,25 +522,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    "epoch_seconds": round(time.time() - t_epoch, 1), **scores,
                    **{f"raw_{k}": v for k, v in raw.items() if k != "dev_example"}}
             st["history"].append(row)
-
-            def keep(m: ShowAndTell, name: str, sc: dict) -> None:
-                save_model(out / name, m, vocab, encoder, extra={"train": {
-                    "epoch": epoch + 1, "dev": {k: v for k, v in sc.items() if k.startswith("dev_BLEU")},
-                    "config": asdict(cfg)}})
-            score = {"bleu": scores["dev_BLEU-4"], "loss": -scores["dev_loss"], "last": epoch + 1}[cfg.select]
+            score = _selection_score(scores, epoch + 1, cfg.select)
             improved = st["best_epoch"] == 0 or score > st["best_score"]
             if improved:
                 st["best_score"], st["best_epoch"], st["bad_epochs"] = score, epoch + 1, 0
                 if dctx.is_main:
-                    keep(kept_model, "best.safetensors", scores)
+                    save_pick(kept_model, "best.safetensors", epoch + 1, scores)
             else:
                 st["bad_epochs"] += 1
             if raw:  # the raw weights' own pick, for comparison with the average
-                raw_score = {"bleu": raw["dev_BLEU-4"], "loss": -raw["dev_loss"], "last": epoch + 1}[cfg.select]
+                raw_score = _selection_score(raw, epoch + 1, cfg.select)
                 if "best_raw_score" not in st or raw_score > st["best_raw_score"]:
-                    st["best_raw_score"], st["best_raw_epoch"] = raw_score, epoch + 1
+                    st["best_raw_score"] = raw_score
                     if dctx.is_main:
-                        keep(model, "best_raw.safetensors", raw)
+                        save_pick(model, "best_raw.safetensors", epoch + 1, raw)
             log(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, dev loss {row['dev_loss']:.3f}, "
                 f"dev BLEU-4 {scores['dev_BLEU-4']:.2f}{' (best)' if improved else ''}"
                 + (f" (raw weights: {raw['dev_loss']:.3f}, {raw['dev_BLEU-4']:.2f})" if raw else "")
