@@ -6,6 +6,7 @@ Both never return an empty caption (<end> is barred at the first step) and alway
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,43 @@ class Hypothesis:
     score: float  # logprob, length-normalised when asked
 
 
+# The int8 step's marker dtype: weights as 8-bit integers with a scale per row, multiplied by fbgemm's
+# dynamically quantized kernels (each product's input rounded to 7 bits with one scale per call).
+INT8 = torch.qint8
+
+
+def int8_is_available(device: str | torch.device = "cpu") -> bool:
+    """True where torch still has the x86 int8 matrix kernels the int8 step uses (CPU only; torch.ao's
+    quantized ops are deprecated upstream, so a later torch may drop them)."""
+    if torch.device(device).type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False
+    try:
+        packed = _int8_pack(torch.ones(1, 1))
+        torch.ops.quantized.linear_dynamic(torch.ones(1, 1), packed, True)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _int8_pack(w: torch.Tensor, bias: torch.Tensor | None = None):
+    """w [N, K] as int8 rows scaled by their largest magnitude / 127 (the int8 storage's own rule, so
+    weights already stored that way come back as the same integers), packed for the kernel."""
+    scale = (w.abs().amax(1).double() / 127).clamp_min(1e-12)
+    with warnings.catch_warnings():  # quantize_per_channel warns that torch.ao is deprecated, at every call
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w.float(), scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
+
+
+def _int8_mm(x: torch.Tensor, packed) -> torch.Tensor:
+    # reduce_range: 7-bit activations, which the AVX2 kernels need to keep their int16 sums from overflowing
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 def set_precision(model: Decoder, dtype: torch.dtype) -> None:
-    """Weights' precision for the eval-mode decoding step: float32, or bfloat16 (half the bytes read
-    per step, which is what one image's decoding waits on; state and sums stay float32)."""
+    """Weights' precision for the eval-mode decoding step: float32; bfloat16 (half the bytes read
+    per step, which is what one image's decoding waits on; state and sums stay float32); or INT8 (a
+    quarter of the bytes and integer arithmetic; the default on x86 CPUs: eval/RESULTS.md, "Int8 decoding")."""
     for m in model.members if isinstance(model, Ensemble) else [model]:
         m.__dict__["_decode_dtype"] = dtype
 
@@ -53,7 +88,11 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
             E = emb.shape[1]
             table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0[:, :E].t())
             weights = (table, lstm.weight_hh_l0, model.out.weight, lstm.weight_ih_l0[:, E:])
-            cached = (key, tuple(w.to(dtype) for w in weights))
+            if dtype == INT8:
+                w_feed = _int8_pack(weights[3]) if weights[3].shape[1] else None
+                cached = (key, (table, _int8_pack(weights[1]), _int8_pack(weights[2], model.out.bias), w_feed))
+            else:
+                cached = (key, tuple(w.to(dtype) for w in weights))
         model.__dict__["_step_weights"] = cached
     return cached[1]
 
@@ -77,6 +116,8 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
     table, w_hh, w_out, w_feed = _step_weights(model)
+    if _decode_dtype(model) == INT8:
+        return _int8_step(model, tokens, state, table, w_hh, w_out, w_feed)
     if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:
@@ -92,6 +133,20 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     else:
         logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias
     return torch.log_softmax(logits, dim=-1), (hs, cs, *state[2:])
+
+
+def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Tensor, w_hh, w_out, w_feed):
+    """`_step` with the first layer's hidden-to-gates, fed-back context and output products in int8;
+    upper layers, attention and the state stay float32."""
+    h, c = state[:2]
+    gates = table[tokens] + _int8_mm(h[0], w_hh)
+    if w_feed is not None:
+        gates += _int8_mm(model.context(h[-1], state[2]), w_feed)
+    hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
+    x = hs[-1]
+    if model.cfg.regions:
+        x = model.attend(x, state[2])
+    return torch.log_softmax(_int8_mm(x, w_out), dim=-1), (hs, cs, *state[2:])
 
 
 def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> torch.Tensor:

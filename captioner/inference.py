@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, save_tensors, unpack_weights
-from .decoding import Hypothesis, beam_search, greedy, set_precision
+from .decoding import INT8, Hypothesis, beam_search, greedy, int8_is_available, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
@@ -20,6 +20,19 @@ from .vocab import Vocabulary
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0.safetensors"
 BUNDLE_STORAGES = ("float16", "int8")  # what a file to ship may use (checkpoint.STORAGES less float32)
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """What "auto" means here (int8 where x86 kernels exist, as fast as bfloat16 batched even where bfloat16
+    is native and faster for one image; eval/RESULTS.md), and a clear error for what cannot run."""
+    if precision not in PRECISIONS:
+        raise CaptionerError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "int8" if int8_is_available(device) else "bfloat16" if bfloat16_is_native(device) else "float32"
+    if precision == "int8" and not int8_is_available(device):
+        raise CaptionerError(f"int8 decoding runs on CPUs with torch's x86 quantized kernels, not on {device} "
+                             "with this torch; use --precision float32")
+    return precision
 
 
 @dataclass
@@ -161,12 +174,8 @@ class Captioner:
                  device: str = "cpu", precision: str = PRECISION):
         self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
         self.meta, self.device = meta or {}, device
-        if precision not in PRECISIONS:
-            raise CaptionerError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if precision == "auto":
-            precision = "bfloat16" if bfloat16_is_native(device) else "float32"
-        self.precision = precision
-        set_precision(self.decoder, getattr(torch, precision))
+        self.precision = precision = resolve_precision(precision, device)
+        set_precision(self.decoder, INT8 if precision == "int8" else getattr(torch, precision))
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = PRECISION) -> "Captioner":

@@ -1,7 +1,7 @@
 """Cost of the decoding step's two matrix products (hidden-to-gates, output layer) with int8 arithmetic
 against the bfloat16 and float32 weights decoding uses today, timed in the same process on the bundled
-model's own weights: a measurement for a possible `--precision int8`, which is not built (it would rest on
-torch.ao's dynamic quantization, deprecated in this torch). Also timed: the two int8 products torch has
+model's own weights: the measurement that led to `--precision int8` (captioner/decoding.py, built in
+session 24 on torch.ao's dynamic quantization kernels, deprecated in this torch, with a fallback). Also timed: the two int8 products torch has
 outside torch.ao, `torch._weight_int8pack_mm` (int8 weights, float32 input) and `torch._int_mm` (both int8,
 the input quantized per row each call). One thread, rows = beams x images.
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from captioner.defaults import PRECISION, PRECISIONS  # noqa: E402  (no torch: the client side stays light)
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 BAD_MESSAGES = {"not_image": "not an image file", "truncated": "corrupt or truncated image"}
 
@@ -52,11 +54,11 @@ def default_model() -> str | None:
 
 # --- the server (child process) ----------------------------------------------------------------------------
 
-def serve(model: str | None, port: int) -> None:
+def serve(model: str | None, port: int, precision: str) -> None:
     sys.path.insert(0, str(ROOT))
     from captioner import webapp
     from captioner.inference import Captioner
-    app = webapp.launch(captioner=Captioner.load(model), host="127.0.0.1", port=port, block=False)
+    app = webapp.launch(captioner=Captioner.load(model, precision=precision), host="127.0.0.1", port=port, block=False)
     print("READY", flush=True)
     try:
         sys.stdin.read()  # until the parent closes our stdin
@@ -134,6 +136,7 @@ def percentile(xs: list[float], q: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (default: CAPTIONER_TEST_MODEL, bundled model, runs/f8k)")
+    p.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="decoder weights (as captioner caption)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=20, help="requests per client")
     p.add_argument("--bad-every", type=int, default=4, help="every N-th request uploads a bad file (0 = none)")
@@ -147,7 +150,7 @@ def main() -> int:
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
     args = p.parse_args()
     if args.serve:
-        serve(args.model or None, args.serve)
+        serve(args.model or None, args.serve, args.precision)
         return 0
     if not 1 <= args.clients <= 64 or not 1 <= args.requests <= 1000:
         p.error("--clients must be 1..64 and --requests 1..1000")
@@ -159,7 +162,7 @@ def main() -> int:
     host, port = "127.0.0.1", free_port()
     assert ipaddress.ip_address(host).is_loopback
     url = f"http://{host}:{port}/"
-    cmd = [sys.executable, __file__, "--serve", str(port)] + (["--model", model] if model else [])
+    cmd = [sys.executable, __file__, "--serve", str(port), "--precision", args.precision] + (["--model", model] if model else [])
     env = dict(os.environ)
     for item in args.server_env:
         name, sep, value = item.partition("=")
@@ -253,12 +256,14 @@ def main() -> int:
         ("result", "PASS" if passed else "FAIL"),
     ]
     from captioner import defaults
+    from captioner.inference import resolve_precision
     command = "python eval/load_test.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = [
         "# Demo load test", "",
         f"Command: `{command.strip()}`", "",
         f"Model: `{model or 'bundled'}`; server: `captioner.webapp.launch` on {url} (loopback only), "
-        f"default settings (beam search, beam {defaults.BEAM_SIZE}, its {defaults.RERANK} best reranked, 3 alternatives), queue concurrency 2; every "
+        f"default settings (beam search, beam {defaults.BEAM_SIZE}, its {defaults.RERANK} best reranked, 3 alternatives, decoder weights "
+        f"{resolve_precision(args.precision)}), queue concurrency 2; every "
         f"{args.bad_every}th request uploads a bad file (text named .jpg, or a JPEG cut to a third)"
         + (f"; server environment: {', '.join(args.server_env)}." if args.server_env else "."),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "

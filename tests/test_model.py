@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.decoding import beam_search, greedy
+from captioner.decoding import beam_search, greedy, int8_is_available
 from captioner.model import DecoderConfig, ShowAndTell
 from captioner.train import _pad
 from captioner.vocab import Vocabulary
@@ -91,6 +91,37 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
     st = m64.init_state(torch.randn(6, 12, dtype=torch.float64))
     with torch.inference_mode():
         torch.testing.assert_close(_step(m64, tokens, st)[0], m64.step(tokens, st)[0])
+
+
+@pytest.mark.skipif(not int8_is_available(), reason="this torch has no x86 int8 matrix kernels (torch.ao, deprecated)")
+def test_int8_step_is_close_to_float32_for_every_decoder_kind():
+    """int8 decoder weights (the CPU default without bfloat16) move log-probabilities by rounding only,
+    with attention, fed-back context and a second layer too; the state stays float32; weights stored as
+    int8 are packed as the very same integers, so storage and arithmetic round once, not twice."""
+    from captioner.checkpoint import pack_weights, unpack_weights
+    from captioner.decoding import INT8, _int8_pack, _step, set_precision
+    from captioner.model import DecoderConfig, Ensemble, ShowAndTell
+    torch.manual_seed(0)
+    plain = [ShowAndTell(DecoderConfig(50, 12, 16, 32)).eval() for _ in range(2)]
+    kinds = [plain[0], Ensemble(plain), _attending(), _attending(feed=True), _attending(layers=2)]
+    for model in kinds:
+        B = 6
+        feats = torch.randn(B, model.cfg.feature_dim)
+        tokens = torch.randint(4, model.cfg.vocab_size, (B,))
+        state = model.init_state(feats)
+        with torch.inference_mode():
+            ref, (h32, *_) = _step(model, tokens, state)
+            set_precision(model, INT8)
+            low, (h8, c8, *_) = _step(model, tokens, state)
+            set_precision(model, torch.float32)
+            again, _ = _step(model, tokens, state)
+        assert low.dtype == h8.dtype == c8.dtype == torch.float32
+        assert not torch.equal(low, ref) and (low - ref).abs().max() < 0.05 and (h8 - h32).abs().max() < 0.02
+        assert torch.equal(again, ref)
+    w = torch.randn(40, 24)
+    stored = pack_weights({"m.weight": w}, "int8")
+    packed = _int8_pack(unpack_weights(stored, "f")["m.weight"])
+    assert torch.equal(torch.ops.quantized.linear_unpack(packed)[0].int_repr(), stored["m.weight"])
 
 
 def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False,
