@@ -1,0 +1,75 @@
+"""Other agreement measures for consensus reranking (captioner/consensus.py ships BLEU+1, voters weighted
+equally), on one model's beam-10 n-best lists: a METEOR-like unigram F-mean (recall weighted 9:1, no
+stems, synonyms or fragmentation penalty), BLEU+1 plus W times it, and voters weighted by their
+length-normalised beam score (softmax) instead of equally. Each scored with BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+
+    python eval/rerank_utility.py [--model CKPT] [--data D --split S]
+
+Session 24 measured it on the bundled pair, the second pair and 159 COCO images (eval/RESULTS.md, "Int8 decoding").
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+
+from captioner.consensus import _bleu1, _ngrams
+from captioner.data import load_dataset
+from captioner.decoding import beam_search
+from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY, RERANK
+from captioner.evaluate import METRIC_ORDER, view_features
+from captioner.inference import Captioner
+from captioner.metrics import all_metrics
+
+
+def fmean(h: list[int], r: list[int]) -> float:
+    m = sum((Counter(h) & Counter(r)).values())
+    if not m:
+        return 0.0
+    p, rc = m / len(h), m / len(r)
+    return 10 * p * rc / (rc + 9 * p)
+
+
+def pick(hs, candidates: int, bleu: float, f: float, weighted: bool) -> list[int]:
+    toks = [h.tokens for h in hs]
+    E, H = len(toks), min(candidates, len(toks))
+    w = np.exp(np.array([h.score for h in hs]) - max(h.score for h in hs)) if weighted else np.ones(E)
+    grams = [_ngrams(t) for t in toks]
+    scores = []
+    for i in range(H):
+        s = sum(w[j] * (bleu * _bleu1(grams[i], len(toks[i]), grams[j], len(toks[j])) + f * fmean(toks[i], toks[j]))
+                for j in range(E) if j != i)
+        scores.append(s / (w.sum() - w[i]))
+    return toks[int(np.argmax(scores))]  # a tie keeps the beam's order
+
+
+VARIANTS = [("BLEU+1 (shipped)", 1.0, 0.0, False), ("F-mean", 0.0, 1.0, False), ("BLEU+1 + F-mean", 1.0, 1.0, False),
+            ("BLEU+1 + 2 F-mean", 1.0, 2.0, False), ("BLEU+1, voters weighted by score", 1.0, 0.0, True)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint (default: the bundled model)")
+    p.add_argument("--data", default="../shared/data/flickr8k")
+    p.add_argument("--split", default="dev")
+    args = p.parse_args()
+    cap = Captioner.load(args.model)
+    recs = load_dataset(args.data, split=args.split).records
+    feats, mask, _ = view_features(cap, [r.image for r in recs], 1, progress=False)
+    refs = [r.captions for r, ok in zip(recs, mask) if ok]
+    nbest = [hs for i in range(0, len(feats), 100) for hs in beam_search(
+        cap.decoder, feats[i:i + 100], cap.vocab, BEAM_SIZE, 20, LENGTH_PENALTY, BEAM_SIZE, suppress_unk=True)]
+    print(f"model {args.model or 'bundled'}, {cap.precision} decoder weights, beam {BEAM_SIZE}, its {RERANK} best "
+          f"compete, all {BEAM_SIZE} vote; {len(refs)} {args.split} images\n")
+    print("| agreement | " + " | ".join(METRIC_ORDER) + " | words a caption |")
+    print("| --- " * (2 + len(METRIC_ORDER)) + "|")
+    for name, bleu, f, weighted in VARIANTS:
+        picks = [cap.vocab.decode(pick(hs, RERANK, bleu, f, weighted)) for hs in nbest]
+        m, _, _ = all_metrics(picks, refs)
+        print(f"| {name} | " + " | ".join(f"{m[x]:.2f}" for x in METRIC_ORDER if x in m)
+              + f" | {np.mean([len(c.split()) for c in picks]):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
