@@ -6,6 +6,7 @@ Both never return an empty caption (<end> is barred at the first step) and alway
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -30,14 +31,24 @@ INT8 = torch.qint8
 def int8_is_available(device: str | torch.device = "cpu") -> bool:
     """True where torch still has the x86 int8 matrix kernels the int8 step uses (CPU only; torch.ao's
     quantized ops are deprecated upstream, so a later torch may drop them)."""
-    if torch.device(device).type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+    return torch.device(device).type == "cpu" and _int8_kernels_work()
+
+
+@functools.cache
+def _int8_kernels_work() -> bool:
+    """One tiny product through the kernels, once per process."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
         return False
     try:
-        packed = _int8_pack(torch.ones(1, 1))
-        torch.ops.quantized.linear_dynamic(torch.ones(1, 1), packed, True)
+        _int8_mm(torch.ones(1, 1), _int8_pack(torch.ones(1, 1)))
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The `set_precision` dtype for a resolved precision name ("float32", "bfloat16", "int8")."""
+    return INT8 if precision == "int8" else getattr(torch, precision)
 
 
 def _int8_pack(w: torch.Tensor, bias: torch.Tensor | None = None):
@@ -112,11 +123,12 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     if lstm.training or not lstm.bias or lstm.proj_size:
         return model.step(tokens, state)
     h, c = state[:2]
-    full = _decode_dtype(model) == h.dtype
+    dtype = _decode_dtype(model)
+    full = dtype == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
     table, w_hh, w_out, w_feed = _step_weights(model)
-    if _decode_dtype(model) == INT8:
+    if dtype == INT8:
         return _int8_step(model, tokens, state, table, w_hh, w_out, w_feed)
     if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())

@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, save_tensors, unpack_weights
-from .decoding import INT8, Hypothesis, beam_search, greedy, int8_is_available, set_precision
+from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
@@ -175,7 +175,7 @@ class Captioner:
         self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
         self.meta, self.device = meta or {}, device
         self.precision = precision = resolve_precision(precision, device)
-        set_precision(self.decoder, INT8 if precision == "int8" else getattr(torch, precision))
+        set_precision(self.decoder, precision_dtype(precision))
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = PRECISION) -> "Captioner":

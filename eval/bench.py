@@ -39,12 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from captioner.data import load_dataset  # noqa: E402
-from captioner.decoding import INT8, beam_search, beam_search_reference, int8_is_available, set_precision  # noqa: E402
-from captioner.distributed import bfloat16_is_native  # noqa: E402
+from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
 from captioner.encoders import attended_regions, create_encoder  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
-from captioner.inference import BUNDLED_MODEL, Captioner, load_model  # noqa: E402
+from captioner.inference import BUNDLED_MODEL, Captioner, load_model, resolve_precision  # noqa: E402
 from captioner.model import DecoderConfig, ShowAndTell  # noqa: E402
 from captioner.train import _pad  # noqa: E402
 from captioner.vocab import Vocabulary  # noqa: E402
@@ -286,9 +285,9 @@ def bench_beam(d: Data, model_path: Path, n_ref: int, n_batched: int) -> dict:
     out = {"n_ref": len(ref), "n_batched": len(feats), "batched": len(feats) / t_batched, "ref": len(ref) / t_ref,
            "same": same, "close": close}
     # what `captioner evaluate` runs here by default ("auto"): bfloat16 or int8 decoder weights, where it can
-    low_name = "int8" if int8_is_available() else "bfloat16" if bfloat16_is_native() else None
-    if low_name:
-        set_precision(decoder, torch.bfloat16 if low_name == "bfloat16" else INT8)
+    low_name = resolve_precision("auto")
+    if low_name != "float32":
+        set_precision(decoder, precision_dtype(low_name))
         t = time.perf_counter()
         low = [h for i in chunks for h in beam_search(decoder, feats[i:i + 100], vocab, 3, 20, suppress_unk=True)]
         out.update(low=len(feats) / (time.perf_counter() - t), low_name=low_name,

@@ -58,8 +58,9 @@ def serve(model: str | None, port: int, precision: str) -> None:
     sys.path.insert(0, str(ROOT))
     from captioner import webapp
     from captioner.inference import Captioner
-    app = webapp.launch(captioner=Captioner.load(model, precision=precision), host="127.0.0.1", port=port, block=False)
-    print("READY", flush=True)
+    cap = Captioner.load(model, precision=precision)
+    app = webapp.launch(captioner=cap, host="127.0.0.1", port=port, block=False)
+    print("READY", cap.precision, flush=True)  # the precision "auto" resolved to, for the report
     try:
         sys.stdin.read()  # until the parent closes our stdin
     finally:
@@ -177,6 +178,7 @@ def main() -> int:
             line = server.stdout.readline()
             if not line and server.poll() is not None:
                 raise SystemExit("load_test: the server did not start")
+        served_precision = line.split()[-1]
         rss_start = rss_mb(server.pid)
         from gradio_client import Client, handle_file
         warm = Client(url, verbose=False, analytics_enabled=False)
@@ -256,14 +258,13 @@ def main() -> int:
         ("result", "PASS" if passed else "FAIL"),
     ]
     from captioner import defaults
-    from captioner.inference import resolve_precision
     command = "python eval/load_test.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = [
         "# Demo load test", "",
         f"Command: `{command.strip()}`", "",
         f"Model: `{model or 'bundled'}`; server: `captioner.webapp.launch` on {url} (loopback only), "
         f"default settings (beam search, beam {defaults.BEAM_SIZE}, its {defaults.RERANK} best reranked, 3 alternatives, decoder weights "
-        f"{resolve_precision(args.precision)}), queue concurrency 2; every "
+        f"{served_precision}), queue concurrency 2; every "
         f"{args.bad_every}th request uploads a bad file (text named .jpg, or a JPEG cut to a third)"
         + (f"; server environment: {', '.join(args.server_env)}." if args.server_env else "."),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "

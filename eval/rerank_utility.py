@@ -5,7 +5,8 @@ length-normalised beam score (softmax) instead of equally. Each scored with BLEU
 
     python eval/rerank_utility.py [--model CKPT] [--data D --split S]
 
-Session 24 measured it on the bundled pair, the second pair and 159 COCO images (eval/RESULTS.md, "Int8 decoding").
+Session 24 measured it on the bundled pair, the second pair and 159 COCO images (eval/RESULTS.md, "Consensus
+reranking", "The bundled pair (session 24)").
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from captioner.data import load_dataset
-from captioner.decoding import INT8, beam_search, beam_search_reference, greedy, int8_is_available, set_precision
+from captioner.decoding import (INT8, beam_search, beam_search_reference, greedy, int8_is_available, precision_dtype,
+                                set_precision)
 from captioner.features import extract_features
 from captioner.inference import Captioner
 
@@ -43,7 +44,7 @@ def test_batched_beam_equals_reference(real, k, alpha):
         assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-9
     # float32, bfloat16 and int8 weights, as shipped: the same captions but for near-ties, log-probs equal to
     # rounding (bfloat16 products are rounded to 8 bits, and a batch of 60 sums in another order; int8
-    # rounds the hidden state to 8 bits with one scale per call, so a row's rounding depends on its batch)
+    # rounds each product's input to 7 bits with one scale per call, so a row's rounding depends on its batch)
     for dtype, tol, least in ((torch.float32, 1e-4, 57), (torch.bfloat16, 0.05, 57), (INT8, 0.15, 51)):
         if dtype == INT8 and not int8_is_available():
             continue
@@ -54,7 +55,7 @@ def test_batched_beam_equals_reference(real, k, alpha):
         assert sum(same) >= least, (dtype, sum(same))
         diffs = [abs(b[0].logprob - r[0].logprob) for b, r, ok in zip(batched, ref, same) if ok]
         assert max(diffs) < tol, dtype
-    set_precision(cap.decoder, INT8 if cap.precision == "int8" else getattr(torch, cap.precision))
+    set_precision(cap.decoder, precision_dtype(cap.precision))
 
 
 def test_captions_always_end_and_never_empty(real):

@@ -95,7 +95,7 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
 
 @pytest.mark.skipif(not int8_is_available(), reason="this torch has no x86 int8 matrix kernels (torch.ao, deprecated)")
 def test_int8_step_is_close_to_float32_for_every_decoder_kind():
-    """int8 decoder weights (the CPU default without bfloat16) move log-probabilities by rounding only,
+    """int8 decoder weights (the default on x86 CPUs) move log-probabilities by rounding only,
     with attention, fed-back context and a second layer too; the state stays float32; weights stored as
     int8 are packed as the very same integers, so storage and arithmetic round once, not twice."""
     from captioner.checkpoint import pack_weights, unpack_weights
