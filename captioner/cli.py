@@ -10,7 +10,7 @@ from dataclasses import fields
 from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = int8 on x86 CPUs (1.9-2.4x the captions/s "
-                  "batched and 2.9x faster one-image captioning than float32, BLEU-4 within 0.1), else bfloat16 "
+                  "batched and 2.6-2.9x faster one-image captioning than float32, BLEU-4 within 0.1), else bfloat16 "
                   "where the CPU has it in hardware, else float32, as on GPUs (default: auto)")
 VIEWS_HELP = ("average the features of N views of each image: 1 the image, 2 and its mirror image, 6 and its four "
               "corner crops (the encoder runs N times; for models trained with --flip-augment --crop-augment, "

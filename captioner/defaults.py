@@ -18,7 +18,7 @@ BEAM_SIZE = 10
 RERANK = 3  # the caption is the one of the beam's RERANK best that agrees most with all its results
 LENGTH_PENALTY = 0.5
 # Decoder weights' precision in the decoding step: "auto" is int8 on x86 CPUs (fbgemm's kernels: on an
-# AVX2-only EPYC 1.9x the captions/s batched and 2.9x faster one-photo captioning, on a Xeon with AMX as fast as
+# AVX2-only EPYC 1.9x the captions/s batched and 2.6-2.9x faster one-photo captioning, on a Xeon with AMX as fast as
 # bfloat16 batched and 1.3x faster for one photo; BLEU-4 within 0.1 on Flickr8k dev: eval/RESULTS.md), else
 # bfloat16 on CPUs that multiply it in hardware (2.4x captions/s batched, 3.5x faster one-image decoding,
 # BLEU-4 within 0.05), else float32.
