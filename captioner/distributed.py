@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 from typing import Any, Iterator
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CaptionerError
+
+
+CLOSE_WAIT = datetime.timedelta(minutes=5)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -94,8 +98,22 @@ class DistContext:
         if self.enabled and first:
             torch.distributed.barrier()
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Leave the process group this context joined.
+
+        `sync` (a normal finish): first wait for every rank, at most `CLOSE_WAIT`, so no rank tears its
+        connections down while another still works; then collect the DDP wrappers the caller dropped, so
+        the group's threads stop here and not in interpreter teardown (where a rank once aborted with
+        "terminate called without an active exception").
+        """
         if self.owns_group and torch.distributed.is_initialized():
+            if sync and self.enabled:
+                with contextlib.suppress(RuntimeError):  # a rank that never comes: leave anyway
+                    if torch.distributed.get_backend() == "gloo":
+                        torch.distributed.monitored_barrier(timeout=CLOSE_WAIT)
+                    else:
+                        torch.distributed.barrier()
+            gc.collect()
             torch.distributed.destroy_process_group()
             self.owns_group = False
 

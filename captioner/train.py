@@ -465,6 +465,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model.train()
     encoder.train(fine_tune)
     t_start = time.time()
+    finished = False
     try:
         while st["epoch"] < cfg.epochs:
             epoch = st["epoch"]
@@ -549,6 +550,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     f"{cfg.patience} epochs")
                 st["epoch"] = cfg.epochs
             save_state()
+        finished = True
     except (Interrupted, KeyboardInterrupt):
         save_state()
         raise Interrupted(f"interrupted at epoch {st['epoch'] + 1}, batch {st['batch']}; state saved, continue "
@@ -556,7 +558,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        dctx.close()
+        ddp = top_fwd = None  # the DDP wrappers hold the process group: release them before leaving it
+        dctx.close(sync=finished)
         if isinstance(feats, FeatureRows):
             feats.close()
     kept = st["history"][st["best_epoch"] - 1] if st["best_epoch"] else {}
