@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import fields
 
-from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = int8 on x86 CPUs (1.9-2.4x the captions/s "
                   "batched and 2.6-2.9x faster one-image captioning than float32, BLEU-4 within 0.1), else bfloat16 "
@@ -17,6 +17,8 @@ VIEWS_HELP = ("average the features of N views of each image: 1 the image, 2 and
               "such as the bundled one; default: 1)")
 RERANK_HELP = (f"pick the caption among the beam's N best by its agreement (BLEU) with all the beam's results, "
                f"not by probability alone; 0 or 1 = off (default: {RERANK}, chosen on Flickr8k dev)")
+BLOCK_HELP = ("no caption repeats a word trigram, as in 'a man in a cowboy hat and a cowboy hat' (beam search; "
+              f"--no-block-trigrams allows it; default: {'on' if BLOCK_TRIGRAMS else 'off'}, chosen on Flickr8k dev)")
 from .errors import CaptionerError
 
 
@@ -56,7 +58,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for path in args.images:
         try:
             c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
-                                 length_penalty=args.length_penalty, views=args.views, rerank=args.rerank)[0]
+                                 length_penalty=args.length_penalty, views=args.views, rerank=args.rerank,
+                                 block_trigrams=args.block_trigrams)[0]
         except ImageError as e:
             failed += 1
             print(f"captioner: error: {e}", file=sys.stderr)
@@ -148,9 +151,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_device(args.device)
     res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
                    args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet,
-                   precision=args.precision, device=args.device, views=args.views, rerank=args.rerank)
+                   precision=args.precision, device=args.device, views=args.views, rerank=args.rerank,
+                   block_trigrams=args.block_trigrams)
     s = res["settings"]
     print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, reranked {s['rerank']}, "
+          f"{'' if s['block_trigrams'] else 'no '}trigram blocking, "
           f"{s['precision']} decoder weights "
           f"(scores on the 0-100 scale used in papers)")
     for name, value in res["metrics"].items():
@@ -185,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--rerank", type=_nonneg_int, default=RERANK, help=RERANK_HELP)
+    c.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS, help=BLOCK_HELP)
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     c.add_argument("--views", type=int, choices=VIEWS, default=1, help=VIEWS_HELP)
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-len", type=_positive_int, default=20)
     e.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, help="as for caption")
     e.add_argument("--rerank", type=_nonneg_int, default=RERANK, help="as for caption")
+    e.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS,
+                   help="as for caption")
     e.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="as for caption")
     e.add_argument("--out", help="folder for metrics.json, predictions.json and report.html")
     e.add_argument("--limit", type=_nonneg_int, default=0, help="score only the first N images (0 = all)")

@@ -171,6 +171,12 @@ def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> 
     return logp
 
 
+def _block_trigrams(logp: torch.Tensor, prefix: torch.Tensor, pad_id: int) -> None:
+    """No word that would repeat a trigram already in its caption ("a cowboy hat and a cowboy hat")."""
+    seen = (prefix[:, :-2] == prefix[:, -2:-1]) & (prefix[:, 1:-1] == prefix[:, -1:])
+    logp.scatter_(1, torch.where(seen, prefix[:, 2:], pad_id), -float("inf"))
+
+
 @torch.inference_mode()
 def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
            suppress_unk: bool = False) -> list[Hypothesis]:
@@ -209,11 +215,12 @@ def _normalise(logprob: torch.Tensor, lengths: torch.Tensor, alpha: float) -> to
 @torch.inference_mode()
 def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
-                suppress_unk: bool = False) -> list[list[Hypothesis]]:
+                suppress_unk: bool = False, block_trigrams: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search: all B images x K beams advance as one batch of B*K sequences.
 
     `length_penalty` alpha ranks finished captions by logprob / length**alpha (0 = raw logprob, as the
-    paper). Returns, per image, the `n_best` hypotheses, best first.
+    paper). `block_trigrams`: no caption repeats a word trigram (beams that would are cut off at once, which
+    frees their places for others). Returns, per image, the `n_best` hypotheses, best first.
     """
     B, K, V = features.shape[0], beam_size, len(vocab)
     dev = features.device
@@ -234,7 +241,10 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
     for t in range(max_len):
         L = live.shape[0]
         logp, state = _step(model, tokens, state)
-        best, words = _mask(logp, t, vocab, suppress_unk).topk(W, dim=-1)
+        logp = _mask(logp, t, vocab, suppress_unk)
+        if block_trigrams and t >= 3:
+            _block_trigrams(logp, seqs[live].view(L * K, max_len)[:, :t], vocab.pad_id)
+        best, words = logp.topk(W, dim=-1)
         done_l = finished[live]
         best = torch.where(done_l.unsqueeze(-1), frozen, best.double().view(L, K, W))
         words = torch.where(done_l.unsqueeze(-1), vocab.pad_id, words.view(L, K, W))
@@ -275,7 +285,7 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
 @torch.inference_mode()
 def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                           max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
-                          suppress_unk: bool = False) -> list[list[Hypothesis]]:
+                          suppress_unk: bool = False, block_trigrams: bool = False) -> list[list[Hypothesis]]:
     """Textbook beam search, one image and one beam at a time (slow; the tests' reference)."""
     results = []
     for b in range(features.shape[0]):
@@ -289,6 +299,10 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
                 last = toks[-1] if toks else vocab.start_id
                 logp, new_state = _step(model, torch.tensor([last], device=features.device), state)
                 logp = _mask(logp.double(), t, vocab, suppress_unk)[0]
+                if block_trigrams:
+                    for i in range(len(toks) - 2):
+                        if toks[i:i + 2] == toks[-2:]:
+                            logp[toks[i + 2]] = -float("inf")
                 top, ids = logp.topk(beam_size)
                 for lp, w in zip(top.tolist(), ids.tolist()):
                     if lp == -float("inf"):

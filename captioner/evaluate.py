@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
-from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, RERANK
 from .encoders import average_views, test_views
 from .errors import CaptionerError
 from .features import model_features
@@ -29,7 +29,8 @@ METRIC_ORDER = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 
 def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len: int, length_penalty: float,
-                    batch_size: int = 100, progress: bool = True, rerank: int = RERANK) -> list[str]:
+                    batch_size: int = 100, progress: bool = True, rerank: int = RERANK,
+                    block_trigrams: bool = BLOCK_TRIGRAMS) -> list[str]:
     out: list[str] = []
     bar = tqdm(total=len(feats), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -37,7 +38,7 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
         batch_size = max(batch_size, 5000)
     for i in range(0, len(feats), batch_size):
         caps = cap.decode(feats[i:i + batch_size].to(cap.device), beam_size=beam_size, max_len=max_len,
-                          length_penalty=length_penalty, rerank=rerank)
+                          length_penalty=length_penalty, rerank=rerank, block_trigrams=block_trigrams)
         out += [c.text for c in caps]
         bar.update(len(caps))
     bar.close()
@@ -61,7 +62,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
              progress: bool = True, precision: str = PRECISION, device: str = "cpu", views: int = 1,
-             rerank: int = RERANK) -> dict:
+             rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
@@ -75,12 +76,14 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     kept = [r for r, ok in zip(records, mask) if ok]
     if not kept:
         raise CaptionerError("no readable images to evaluate")
-    hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress, rerank=rerank)
+    hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress, rerank=rerank,
+                           block_trigrams=block_trigrams)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
-                           "beam_size": beam_size, "rerank": rerank, "max_len": max_len, "length_penalty": length_penalty, "device": device,
+                           "beam_size": beam_size, "rerank": rerank, "max_len": max_len, "length_penalty": length_penalty,
+                           "block_trigrams": block_trigrams, "device": device,
                            "views": views,
                            "precision": cap.precision, "images": len(kept), "skipped_images": bad, "scale": "0-100",
                            "tokenization": "captioner.vocab.tokenize (lowercase, punctuation stripped)",
@@ -133,6 +136,7 @@ padding:6px;vertical-align:top}}img{{max-width:160px}}ul{{margin:0;padding-left:
 <p><b>{html.escape(metrics)}</b> (0-100 scale)</p>
 <p>model {html.escape(s['model'])}; data {html.escape(s['data'])} split {html.escape(s['split'])};
 {s['images']} images; beam {s['beam_size']}; max length {s['max_len']}; length penalty {s['length_penalty']};
+trigram blocking {'on' if s.get('block_trigrams') else 'off'};
 {s['precision']} decoder weights.
 Sorted worst first by per-image {key}.</p>{notes}
 <table><tr><th>image</th><th>prediction</th><th>references</th>{head}</tr>

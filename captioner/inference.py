@@ -11,7 +11,7 @@ from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, sav
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
-from .defaults import BEAM_SIZE, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
 from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
@@ -201,9 +201,11 @@ class Captioner:
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
-               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True, rerank: int = RERANK) -> list[Caption]:
+               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True, rerank: int = RERANK,
+               block_trigrams: bool = BLOCK_TRIGRAMS) -> list[Caption]:
         """`rerank` R > 1: the caption is the one of the beam's R best that agrees most with all its
-        `beam_size` results (consensus.py); 0 or 1 keeps the beam's own best."""
+        `beam_size` results (consensus.py); 0 or 1 keeps the beam's own best. `block_trigrams`: beam search
+        never repeats a word trigram (greedy decoding, beam 1, is left as it is)."""
         if beam_size < 1 or max_len < 1 or n_best < 1 or rerank < 0:
             raise CaptionerError("beam size, max length and n-best must be at least 1, rerank at least 0")
         rerank = min(rerank, beam_size)
@@ -213,7 +215,7 @@ class Captioner:
         else:
             keep = max(beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
             hyps = beam_search(self.decoder, features, self.vocab, max(beam_size, n_best), max_len,
-                               length_penalty, keep, suppress_unk)
+                               length_penalty, keep, suppress_unk, block_trigrams)
         out = []
         for hs in hyps:
             if rerank > 1:
@@ -224,13 +226,14 @@ class Captioner:
 
     def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
                      n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32,
-                     views: int = 1, rerank: int = RERANK) -> list[Caption]:
+                     views: int = 1, rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS) -> list[Caption]:
         """Captions with log-probabilities and n-best alternatives."""
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
             feats = self.encode(images[i:i + batch_size], views=views)
-            out += self.decode(feats, beam_size, max_len, n_best, length_penalty, rerank=rerank)
+            out += self.decode(feats, beam_size, max_len, n_best, length_penalty, rerank=rerank,
+                               block_trigrams=block_trigrams)
         return out
 
     def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,

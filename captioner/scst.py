@@ -235,7 +235,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         hyps = []
         for i in range(0, len(dev_rows), 200):
             hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20,
-                             length_penalty=LENGTH_PENALTY, suppress_unk=True)  # as shipped
+                             length_penalty=LENGTH_PENALTY, suppress_unk=True)  # shipped penalty; no rerank or blocking
             hyps += [vocab.decode(h[0].tokens) for h in hs]
         cider_dev = float(dev_cider([" ".join(tokenize(h)) for h in hyps], dev_tok_refs).mean()) * 100
         return {**bleu(hyps, dev_refs), "CIDEr-D": cider_dev, "example": hyps[0]}

@@ -1,5 +1,6 @@
-"""Cost of consensus reranking (captioner/consensus.py): the shipped decoding (beam 10, the caption picked
-among its 3 best by agreement with all 10) against plain beam 3, the decoding before it.
+"""Cost of consensus reranking (captioner/consensus.py) and trigram blocking: the shipped decoding (beam 10,
+the caption picked among its 3 best by agreement with all 10, no repeated trigram) against the same without
+blocking (sessions 20-24) and against plain beam 3, the decoding before both.
 
 1. one image, the CLI's and demo's path (`caption_full`: encode + decode), median of 20 warm runs, one thread
 2. batched decoding of Flickr8k dev features, 100 images a call (as `captioner evaluate`), and the share
@@ -22,8 +23,9 @@ from captioner.defaults import LENGTH_PENALTY
 from captioner.evaluate import view_features
 from captioner.inference import Captioner
 
-SETTINGS = {"beam 3, no reranking (before)": dict(beam_size=3, rerank=0),
-            "beam 10, reranked among its 3 best (shipped)": dict(beam_size=10, rerank=3)}
+SETTINGS = {"beam 3, no reranking (before session 20)": dict(beam_size=3, rerank=0, block_trigrams=False),
+            "beam 10, reranked among its 3 best (sessions 20-24)": dict(beam_size=10, rerank=3, block_trigrams=False),
+            "the same with trigram blocking (shipped)": dict(beam_size=10, rerank=3, block_trigrams=True)}
 
 
 def main() -> None:

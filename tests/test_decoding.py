@@ -58,6 +58,32 @@ def test_batched_beam_equals_reference(real, k, alpha):
     set_precision(cap.decoder, precision_dtype(cap.precision))
 
 
+def _repeats_a_trigram(tokens: list[int]) -> bool:
+    grams = list(zip(tokens, tokens[1:], tokens[2:]))
+    return len(grams) != len(set(grams))
+
+
+def test_trigram_blocking_batched_equals_reference_and_never_repeats(real):
+    """With blocking, no hypothesis of the n-best repeats a trigram, where without it some do (the bundled
+    pair on these 200 dev images), and the batched search equals the per-image reference (float64)."""
+    import copy
+    cap, feats = real
+    k = 5
+    free = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k)
+    blocked = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k,
+                          block_trigrams=True)
+    assert sum(_repeats_a_trigram(h.tokens) for hs in free for h in hs) >= 5
+    assert not any(_repeats_a_trigram(h.tokens) for hs in blocked for h in hs)
+    assert all(len(hs) == k for hs in blocked)  # blocking frees places; it never empties a beam
+    decoder = copy.deepcopy(cap.decoder).double()
+    f = feats[:60].double()
+    batched = beam_search(decoder, f, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k, block_trigrams=True)
+    ref = beam_search_reference(decoder, f, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k,
+                                block_trigrams=True)
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in ref]  # all k
+    assert max(abs(b.logprob - r.logprob) for bs, rs in zip(batched, ref) for b, r in zip(bs, rs)) < 1e-9
+
+
 def test_captions_always_end_and_never_empty(real):
     cap, feats = real
     v = cap.vocab

@@ -26,6 +26,7 @@ def test_evaluate_cli_writes_coco_results(coco_mini, tmp_path):
     for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR"):
         assert 0 <= metrics[name] <= 100, name
     assert metrics["settings"]["beam_size"] == 2 and metrics["settings"]["images"] == 40
+    assert metrics["settings"]["block_trigrams"] is True  # the shipped default
     from pycocotools.coco import COCO
     coco = COCO(str(coco_mini / "captions_val2017.json"))
     res = coco.loadRes(str(out / "predictions.json"))  # the official toolkit accepts our results file
