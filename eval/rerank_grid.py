@@ -1,8 +1,8 @@
 """Consensus reranking's settings on Flickr8k dev: beam width K, the H best that compete, the E best that
 vote (captioner/consensus.py), each scored with BLEU-1..4, METEOR, ROUGE-L and CIDEr, beside plain beam
-search in the same run. The shipped decoding is K = E = 10, H = 3 (captioner/defaults.py).
+search in the same run. The shipped decoding is K = E = 10, H = 3, with trigram blocking (captioner/defaults.py).
 
-    python eval/rerank_grid.py [--model CKPT] [--views 6]
+    python eval/rerank_grid.py [--model CKPT] [--views 6] [--no-block-trigrams]
 
 Each beam is decoded once with its whole n-best list; the picks are made from those lists.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from captioner.consensus import agreement
 from captioner.data import load_dataset
 from captioner.decoding import beam_search
-from captioner.defaults import LENGTH_PENALTY
+from captioner.defaults import BLOCK_TRIGRAMS, LENGTH_PENALTY
 from captioner.encoders import VIEWS
 from captioner.evaluate import METRIC_ORDER, view_features
 from captioner.inference import Captioner
@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint (default: the bundled model)")
     p.add_argument("--data", default="../shared/data/flickr8k")
     p.add_argument("--views", type=int, choices=VIEWS, default=1)
+    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS,
+                   help="beam search never repeats a word trigram (default: as shipped)")
     args = p.parse_args()
     cap = Captioner.load(args.model)
     recs = load_dataset(args.data, split="dev").records
@@ -38,7 +40,8 @@ def main() -> None:
     recs = [r for r, ok in zip(recs, mask) if ok]
     refs = [r.captions for r in recs]
     print(f"model {args.model or 'bundled'}, {args.views} view(s), {cap.precision} decoder weights, "
-          f"length penalty {LENGTH_PENALTY}, {len(recs)} dev images\n")
+          f"length penalty {LENGTH_PENALTY}, trigram blocking {'on' if args.block_trigrams else 'off'}, "
+          f"{len(recs)} dev images\n")
     print("| beam K | competing H | voting E | " + " | ".join(METRIC_ORDER) + " | words a caption |")
     print("| --- " * (4 + len(METRIC_ORDER)) + "|")
     nbest: dict[int, list] = {}  # beam K's whole n-best lists, as Captioner.decode gets them
@@ -46,7 +49,7 @@ def main() -> None:
         if k not in nbest:
             nbest[k] = [hs for i in range(0, len(feats), 100)
                         for hs in beam_search(cap.decoder, feats[i:i + 100], cap.vocab, k, 20, LENGTH_PENALTY, k,
-                                              suppress_unk=True)]
+                                              suppress_unk=True, block_trigrams=args.block_trigrams)]
         picks = []
         for hs in nbest[k]:
             score = agreement([x.tokens for x in hs], h, e) if h > 1 else [0.0]
