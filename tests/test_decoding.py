@@ -84,6 +84,19 @@ def test_trigram_blocking_batched_equals_reference_and_never_repeats(real):
     assert max(abs(b.logprob - r.logprob) for bs, rs in zip(batched, ref) for b, r in zip(bs, rs)) < 1e-9
 
 
+def test_captioner_and_cli_block_trigrams_by_default(real):
+    """The shipped path (`Captioner.decode`, beam 10 reranked) blocks repeats unless told not to."""
+    from captioner.cli import build_parser
+    cap, feats = real
+    words = lambda cs: [c.text.split() for c in cs]  # noqa: E731
+    shipped, free = cap.decode(feats), cap.decode(feats, block_trigrams=False)
+    assert not any(_repeats_a_trigram(w) for w in words(shipped))
+    assert any(_repeats_a_trigram(w) for w in words(free))
+    for cmd in (["caption", "x.jpg"], ["evaluate", "--data", "d"]):
+        assert build_parser().parse_args(cmd).block_trigrams is True
+        assert build_parser().parse_args(cmd + ["--no-block-trigrams"]).block_trigrams is False
+
+
 def test_captions_always_end_and_never_empty(real):
     cap, feats = real
     v = cap.vocab
