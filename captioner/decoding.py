@@ -172,7 +172,12 @@ def _mask(logp: torch.Tensor, t: int, vocab: Vocabulary, suppress_unk: bool) -> 
 
 
 def _block_trigrams(logp: torch.Tensor, prefix: torch.Tensor, pad_id: int) -> None:
-    """No word that would repeat a trigram already in its caption ("a cowboy hat and a cowboy hat")."""
+    """No word that would repeat a trigram already in its caption ("a cowboy hat and a cowboy hat").
+
+    prefix [N, t]: each row's words so far. Where nothing is seen the -inf goes to <pad>, which `_mask`
+    has barred already."""
+    if prefix.shape[1] < 3:
+        return
     seen = (prefix[:, :-2] == prefix[:, -2:-1]) & (prefix[:, 1:-1] == prefix[:, -1:])
     logp.scatter_(1, torch.where(seen, prefix[:, 2:], pad_id), -float("inf"))
 
@@ -242,8 +247,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
         L = live.shape[0]
         logp, state = _step(model, tokens, state)
         logp = _mask(logp, t, vocab, suppress_unk)
-        if block_trigrams and t >= 3:
-            _block_trigrams(logp, seqs[live].view(L * K, max_len)[:, :t], vocab.pad_id)
+        if block_trigrams:
+            _block_trigrams(logp, seqs[live, :, :t].reshape(L * K, t), vocab.pad_id)
         best, words = logp.topk(W, dim=-1)
         done_l = finished[live]
         best = torch.where(done_l.unsqueeze(-1), frozen, best.double().view(L, K, W))

@@ -136,7 +136,7 @@ padding:6px;vertical-align:top}}img{{max-width:160px}}ul{{margin:0;padding-left:
 <p><b>{html.escape(metrics)}</b> (0-100 scale)</p>
 <p>model {html.escape(s['model'])}; data {html.escape(s['data'])} split {html.escape(s['split'])};
 {s['images']} images; beam {s['beam_size']}; max length {s['max_len']}; length penalty {s['length_penalty']};
-trigram blocking {'on' if s.get('block_trigrams') else 'off'};
+trigram blocking {'on' if s['block_trigrams'] else 'off'};
 {s['precision']} decoder weights.
 Sorted worst first by per-image {key}.</p>{notes}
 <table><tr><th>image</th><th>prediction</th><th>references</th>{head}</tr>
