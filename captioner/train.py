@@ -581,4 +581,5 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
         raise CaptionerError(f"{run / 'config.json'} is malformed JSON ({e.msg})") from None
     cfg = TrainConfig.from_dict(d)
     cfg.out = str(run)
+    cfg.stop_after_steps = 0  # the simulated interruption happened; continuing must not stop there again
     return cfg

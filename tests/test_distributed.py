@@ -107,6 +107,30 @@ def test_two_processes_give_the_one_process_loss_curve(tiny, tmp_path):
     assert not list((tmp_path / "two").glob(".*.tmp"))
 
 
+def test_two_processes_interrupted_save_state_and_resume_to_the_one_process_curve(tiny, tmp_path):
+    """An interrupted torchrun run (the close path without the final barrier): both ranks stop at the same step
+    with the one-line message, nothing hangs, and --resume under torchrun finishes the one-process training."""
+    train(TrainConfig(data=str(tiny / "caps.csv"), out=str(tmp_path / "one"), cache_dir=str(tiny / "cache"), **TINY),
+          progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "captioner.cli"]
+    cut = subprocess.run(run + _cli_args(tiny, tmp_path / "two") + ["--stop-after-steps", "6"], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp_path)  # mid-epoch 2 of 3
+    assert cut.returncode != 0
+    msg = f"interrupted at epoch 2, batch 2; state saved, continue with: captioner train --resume {tmp_path / 'two'}"
+    assert cut.stderr.count(msg) == 2, cut.stderr[-3000:]  # each rank, one line
+    assert "captioner/" not in cut.stderr  # no traceback from our code (torchrun reports the exit codes itself)
+    assert len(_history(tmp_path / "two")) == 1 and not list((tmp_path / "two").glob(".*.tmp"))
+    again = subprocess.run(run + ["train", "--resume", str(tmp_path / "two"), "--quiet"], capture_output=True,
+                           text=True, timeout=600, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [h["step"] for h in two] == [4, 8, 12]
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["dev_loss"] == pytest.approx(a["dev_loss"], rel=1e-4)
+
+
 @pytest.mark.skipif(not bfloat16_is_native(), reason="this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX): "
                     "oneDNN refuses a bfloat16 LSTM here, and --amp trains in float32 (the test below)")
 def test_amp_bf16_autocast_trains_on_cpu(tiny, tmp_path):
