@@ -115,10 +115,10 @@ def pack_weights(tensors: dict[str, torch.Tensor], storage: str) -> dict[str, to
     for k, v in tensors.items():
         if not v.is_floating_point() or storage == "float32":
             packed[k] = v
-        elif storage == "float16" or v.dim() != 2:
+        elif storage == "float16" or v.dim() < 2:
             packed[k] = v.half()
-        else:
-            scale = v.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        else:  # a matrix, or a convolution's kernels: one scale per output row
+            scale = v.float().abs().amax(tuple(range(1, v.dim())), keepdim=True).clamp_min(1e-12) / 127
             packed[k] = torch.round(v.float() / scale).to(torch.int8)
             packed[k + SCALE_SUFFIX] = scale
     return packed
@@ -132,7 +132,7 @@ def unpack_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[s
             continue
         name = k[: -len(SCALE_SUFFIX)]
         q = tensors.get(name)
-        if q is None or q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
+        if q is None or q.dtype != torch.int8 or q.dim() < 2 or tuple(scale.shape) != (q.shape[0],) + (1,) * (q.dim() - 1):
             raise CaptionerError(f"{path}: int8 scale {k} has no matching int8 matrix {name}")
         out[name] = q.float() * scale.float()
     unscaled = [k for k, v in out.items() if v.dtype == torch.int8]

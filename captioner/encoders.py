@@ -105,9 +105,14 @@ def align_view(features: torch.Tensor, pool: str, pre: Preprocess) -> torch.Tens
     return torch.cat([features[..., :split], cells], -1)
 
 
-def average_views(features: Sequence[torch.Tensor], pool: str, views: Sequence[Preprocess]) -> torch.Tensor:
-    """The mean of each view's features (views[i]'s in features[i]), their region grids aligned first."""
-    return torch.stack([align_view(f, pool, pre) for f, pre in zip(features, views)]).mean(0)
+def average_views(features: Sequence[torch.Tensor], pool: str, views: Sequence[Preprocess],
+                  parts: int = 1) -> torch.Tensor:
+    """The mean of each view's features (views[i]'s in features[i]), their region grids aligned first;
+    `parts` > 1: each row is that many encoders' features side by side (SharedTrunk), aligned each."""
+    def align(f: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+        return torch.cat([align_view(p, pool, pre) for p in f.chunk(parts, -1)], -1) if parts > 1 else \
+            align_view(f, pool, pre)
+    return torch.stack([align(f, pre) for f, pre in zip(features, views)]).mean(0)
 
 
 class Encoder(nn.Module):
@@ -127,6 +132,7 @@ class Encoder(nn.Module):
         self.stages = stages  # plain list: the modules are already registered under `features`
         self.steps, self.stage_steps = steps or [], stage_steps or []
         self.tuned = 0  # how many top stages were fine-tuned: their weights travel in the checkpoint
+        self.parts = 1  # encoders whose features one row holds side by side (SharedTrunk)
         self.package_weights = False  # the pretrained weights a checkpoint can rebuild (create_encoder sets it)
         self._classifier = [classifier]  # a list, so its weights stay out of state_dict (lite0 shares them)
 
@@ -214,6 +220,51 @@ class Encoder(nn.Module):
             for stage in self.stages:
                 if any(p.requires_grad for p in stage.parameters()):
                     stage.train(True)
+        self.training = mode
+        return self
+
+
+class SharedTrunk(nn.Module):
+    """Encoders fine-tuned from one pretrained CNN (an ensemble's members, each with its own top stages): the
+    frozen trunk runs once per image and each member's tuned stages on it, so a second member costs a small
+    part of a pass; the features are the members' side by side (`parts` of `dim / parts` each), and the
+    ensemble hands each decoder its own (model.Ensemble's `split_features`)."""
+
+    def __init__(self, members: Sequence[Encoder]):
+        super().__init__()
+        first = members[0]
+        n = first.tuned_alone
+        if not n or any((m.name, m.tuned_alone, m.pool, m.preprocess) != (first.name, n, first.pool, first.preprocess)
+                        for m in members):
+            raise CaptionerError("encoders share a trunk only when each has the same fine-tuned top stages of the "
+                                 "same pretrained CNN, pooling and preprocessing")
+        self.members = nn.ModuleList(members)
+        self.name, self.pool, self.preprocess, self.parts = first.name, first.pool, first.preprocess, len(members)
+        self.tuned = self.tuned_alone = n
+        self.stages = first.stages
+
+    @property
+    def dim(self) -> int:
+        return sum(m.dim for m in self.members)
+
+    def trunk(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return self.members[0].trunk(x, n)
+
+    def top(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat([m.top(h, n) for m in self.members], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.trunk(x, self.tuned), self.tuned)
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"m{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.tuned_state_dict().items()}
+
+    def weights_tag(self) -> str:
+        return "+".join(m.weights_tag() for m in self.members)
+
+    def train(self, mode: bool = True) -> "SharedTrunk":
+        for m in self.members:
+            m.train(mode)
         self.training = mode
         return self
 

@@ -54,7 +54,7 @@ def view_features(cap: Captioner, images: list, views: int = 1, cache_dir: str |
                            preprocess=pre) for pre in pres]
     mask = np.logical_and.reduce([s.valid_mask() for s in sets])
     feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
-                          cap.encoder.pool, pres)
+                          cap.encoder.pool, pres, cap.encoder.parts)
     return feats, mask, sorted(set().union(*(s.bad for s in sets)))
 
 

@@ -12,7 +12,7 @@ from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precis
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
 from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
-from .encoders import Encoder, Preprocess, average_views, create_encoder, test_views
+from .encoders import Encoder, Preprocess, SharedTrunk, average_views, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
@@ -50,12 +50,16 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
     tuned = encoder.tuned_state_dict()
     tensors.update({f"encoder.{k}": v for k, v in tuned.items()})
     tensors = pack_weights(tensors, storage)
+    split = isinstance(decoder, Ensemble) and decoder.split_features
+    if split != (encoder.parts > 1):
+        raise CaptionerError("an ensemble splits its features exactly when its encoder is a SharedTrunk")
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
             **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
             "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                         **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
                         "weights_included": bool(tuned),
-                        **({"tuned_stages": encoder.tuned_alone} if encoder.tuned_alone else {})},
+                        **({"tuned_stages": encoder.tuned_alone} if encoder.tuned_alone else {}),
+                        **({"parts": encoder.parts} if split else {})},
             **(extra or {}), "storage": storage}
     save_tensors(path, tensors, meta)
 
@@ -72,12 +76,17 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         enc_name = enc_meta["name"]
         with_encoder = bool(enc_meta.get("weights_included"))
         tuned = int(enc_meta.get("tuned_stages", 0))  # 0 with weights: an older checkpoint holding the whole CNN
+        parts = int(enc_meta.get("parts", 1))  # > 1: members fine-tuned their own top stages (SharedTrunk)
         saved_pre = Preprocess.from_dict(enc_meta["preprocess"]) if "preprocess" in enc_meta else None
         if "ensemble" in meta:
             members = meta["ensemble"]
             if not isinstance(members, list) or not members:
                 raise ValueError("'ensemble' must list the members' decoder configs")
-            decoder = Ensemble([ShowAndTell(DecoderConfig.from_dict(d)) for d in members])
+            if parts > 1 and (len(members) != parts or not tuned):
+                raise ValueError(f"{parts} encoder parts need as many members, each with tuned stages")
+            decoder = Ensemble([ShowAndTell(DecoderConfig.from_dict(d)) for d in members], split_features=parts > 1)
+        elif parts != 1:
+            raise ValueError("encoder parts without an ensemble")
         else:
             decoder = ShowAndTell(cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -89,62 +98,82 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     pool = enc_meta.get("pool", "avg")
     if pool not in POOLS:
         raise CaptionerError(f"{path}: unknown pooling {pool!r} (known: {', '.join(POOLS)})")
-    for dim in (ENCODER_DIMS.get(enc_name, 0) * POOLS[pool] or None, enc_meta.get("dim")):
-        if dim is not None and dim != cfg.feature_dim:
-            raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} "
+    want_dim = decoder.feature_dim if isinstance(decoder, Ensemble) else cfg.feature_dim
+    for dim in (ENCODER_DIMS.get(enc_name, 0) * POOLS[pool] * parts or None, enc_meta.get("dim")):
+        if dim is not None and dim != want_dim:
+            raise CaptionerError(f"{path}: decoder expects {want_dim}-d features but encoder {enc_name} "
                                  f"gives {dim}-d ones")
     dec_sd = prefixed(tensors, "decoder.")
     try:
         decoder.load_state_dict(dec_sd)
     except RuntimeError as e:
         raise CaptionerError(f"{path}: weights do not match the config ({first_problem(e)})") from None
-    encoder = create_encoder(enc_name, pretrained=not with_encoder or tuned > 0, pool=pool)
-    if encoder.dim != cfg.feature_dim:
-        raise CaptionerError(f"{path}: decoder expects {cfg.feature_dim}-d features but encoder {enc_name} gives {encoder.dim}")
+    enc_sd = prefixed(tensors, "encoder.")
+    if parts > 1:
+        encoder = SharedTrunk([_build_encoder(path, enc_name, pool, tuned, saved_pre, prefixed(enc_sd, f"m{i}."))
+                               for i in range(parts)])
+    else:
+        encoder = _build_encoder(path, enc_name, pool, tuned, saved_pre, enc_sd if with_encoder else None)
+    if encoder.dim != want_dim:
+        raise CaptionerError(f"{path}: decoder expects {want_dim}-d features but encoder {enc_name} gives {encoder.dim}")
+    return decoder.eval(), vocab, encoder.eval(), meta
+
+
+def _build_encoder(path: str | Path, enc_name: str, pool: str, tuned: int, saved_pre: Preprocess | None,
+                   enc_sd: dict[str, torch.Tensor] | None) -> Encoder:
+    """The checkpoint's encoder: pretrained, with its fine-tuned stages' weights (`enc_sd`) when it carries them."""
+    encoder = create_encoder(enc_name, pretrained=enc_sd is None or tuned > 0, pool=pool)
     if saved_pre is not None:
         encoder.preprocess = saved_pre
-    if with_encoder:
-        enc_sd = prefixed(tensors, "encoder.")
-        if not 0 <= tuned <= len(encoder.stages):
-            raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
-        encoder.tuned = tuned or len(encoder.stages)
-        want = set(encoder.tuned_state_dict())
-        if set(enc_sd) != want:  # strict=False below would let a missing or stray tensor pass
-            odd = sorted(set(enc_sd) ^ want)[0]
-            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} "
-                                 f"({'Unexpected' if odd in enc_sd else 'Missing'} key(s) in state_dict: {odd})")
-        try:
-            encoder.load_state_dict(enc_sd, strict=False)
-        except RuntimeError as e:
-            raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({first_problem(e)})") from None
-    return decoder.eval(), vocab, encoder.eval(), meta
+    if enc_sd is None:
+        return encoder
+    if not 0 <= tuned <= len(encoder.stages):
+        raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
+    encoder.tuned = tuned or len(encoder.stages)
+    want = set(encoder.tuned_state_dict())
+    if set(enc_sd) != want:  # strict=False below would let a missing or stray tensor pass
+        odd = sorted(set(enc_sd) ^ want)[0]
+        raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} "
+                             f"({'Unexpected' if odd in enc_sd else 'Missing'} key(s) in state_dict: {odd})")
+    try:
+        encoder.load_state_dict(enc_sd, strict=False)
+    except RuntimeError as e:
+        raise CaptionerError(f"{path}: encoder weights do not fit {enc_name} ({first_problem(e)})") from None
+    return encoder
 
 
 def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "float32") -> int:
     """One checkpoint holding the decoders of several runs (same data, vocabulary and encoder), which
     then decode together (model.Ensemble). Returns the number of members."""
     decoders: list[ShowAndTell] = []
+    encoders: list[Encoder] = []  # one per member
     first = None
     for ckpt in checkpoints:
         decoder, vocab, encoder, meta = load_model(ckpt)
-        if meta["encoder"].get("weights_included"):
-            raise CaptionerError(f"{ckpt}: a fine-tuned encoder cannot be shared by an ensemble")
+        if meta["encoder"].get("weights_included") and not encoder.tuned_alone:
+            raise CaptionerError(f"{ckpt}: carries a whole fine-tuned CNN; an ensemble can share only a pretrained "
+                                 f"one whose members tuned their top stages (--fine-tune-blocks)")
         if first is None:
             first = (vocab, encoder, meta)
         elif vocab.to_list() != first[0].to_list():
             raise CaptionerError(f"{ckpt}: vocabulary differs from {checkpoints[0]}'s; ensemble members must be "
                                  f"trained on the same data with the same --min-count")
-        elif (encoder.name, encoder.preprocess, encoder.pool) != (first[1].name, first[1].preprocess, first[1].pool):
-            raise CaptionerError(f"{ckpt}: encoder differs from {checkpoints[0]}'s")
-        decoders += list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
+        elif (encoder.name, encoder.preprocess, encoder.pool, encoder.tuned_alone) != (
+                first[1].name, first[1].preprocess, first[1].pool, first[1].tuned_alone):
+            raise CaptionerError(f"{ckpt}: encoder differs from {checkpoints[0]}'s (name, preprocessing, pooling or "
+                                 f"fine-tuned stages)")
+        members = list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
+        decoders += members
+        encoders += list(encoder.members) if encoder.parts > 1 else [encoder] * len(members)
     if first is None:
         raise CaptionerError("no checkpoints to combine")
+    tuned = first[1].tuned_alone > 0  # each member then brings its own tuned stages
     try:
-        ensemble = Ensemble(decoders)
+        ensemble = Ensemble(decoders, split_features=tuned)
     except ValueError as e:
         raise CaptionerError(str(e)) from None
     extra = {"ensemble_of": [str(c) for c in checkpoints]}
-    save_model(path, ensemble, first[0], first[1], extra=extra, storage=storage)
+    save_model(path, ensemble, first[0], SharedTrunk(encoders) if tuned else first[1], extra=extra, storage=storage)
     return len(decoders)
 
 
@@ -197,7 +226,7 @@ class Captioner:
             x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             f = self.encoder(x).float().view(-1, views, self.encoder.dim)
-            feats.append(average_views(f.unbind(1), self.encoder.pool, pres))
+            feats.append(average_views(f.unbind(1), self.encoder.pool, pres, self.encoder.parts))
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,

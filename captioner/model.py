@@ -240,7 +240,7 @@ class Ensemble(nn.Module):
     and prune rows of one state exactly as for one model.
     """
 
-    def __init__(self, members: list[ShowAndTell]):
+    def __init__(self, members: list[ShowAndTell], split_features: bool = False):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one decoder")
@@ -253,13 +253,17 @@ class Ensemble(nn.Module):
                 raise ValueError("ensemble members must all attend to the same regions, or none")
         self.members = nn.ModuleList(members)
         self.cfg = first
+        # each member's own features side by side (members fine-tuned their encoder's top: SharedTrunk)
+        self.split_features = split_features
+        self.feature_dim = first.feature_dim * (len(members) if split_features else 1)
 
     def _stack(self, states: list[State]) -> State:
         hc = torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states])
         return (*hc, torch.cat([s[2] for s in states], -1)) if self.cfg.regions else hc
 
     def init_state(self, features: torch.Tensor) -> State:
-        return self._stack([m.init_state(features) for m in self.members])
+        parts = features.chunk(len(self.members), -1) if self.split_features else [features] * len(self.members)
+        return self._stack([m.init_state(f) for m, f in zip(self.members, parts)])
 
     def step(self, tokens: torch.Tensor, state: State, member_step=None) -> tuple[torch.Tensor, State]:
         """Average of the members' next-word probabilities, as log-probabilities. `member_step(member,

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from captioner.errors import CaptionerError
 from captioner.decoding import _step, beam_search, beam_search_reference, greedy
 from captioner.inference import Captioner, load_model, save_ensemble
 from captioner.model import DecoderConfig, Ensemble, ShowAndTell
@@ -135,3 +137,55 @@ def test_bundle_script_and_refusals(runs, tmp_path, capsys):
                  "--out", str(tmp_path / "scst"), "--quiet"]) != 0
     assert "is an ensemble; run SCST on each member" in capsys.readouterr().err
     assert not (tmp_path / "scst").exists()
+
+
+def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_path):
+    """Each member keeps its own tuned last stage: one trunk pass per image, each member's stage on it, and each
+    decoder reads its own features; the int8 file (its convolution kernels included) decodes alike."""
+    from captioner.encoders import SharedTrunk
+    from captioner.features import model_features
+    data, plain = runs
+    ckpts = []
+    for seed in (0, 1):
+        cfg = TrainConfig(data=str(data / "caps.csv"), out=str(tmp_path / f"ft{seed}"), cache_dir=str(data / "cache"),
+                          embed_dim=16, hidden_dim=16, min_count=1, batch_size=4, epochs=1, workers=0,
+                          warmup_steps=2, seed=seed, fine_tune_blocks=1, lr=0.01)
+        train(cfg, progress=False)
+        ckpts.append(tmp_path / f"ft{seed}" / "best.safetensors")
+    assert save_ensemble(tmp_path / "ens.safetensors", ckpts) == 2
+    cap = Captioner.load(tmp_path / "ens.safetensors")
+    assert isinstance(cap.encoder, SharedTrunk) and cap.decoder.split_features and cap.encoder.dim == 2 * 1280
+    alone = [Captioner.load(c) for c in ckpts]
+    head = "features.net._conv_head.weight"
+    assert not torch.equal(alone[0].encoder.state_dict()[head], alone[1].encoder.state_dict()[head])
+    images = sorted(data.glob("img*.jpg"))
+    feats = cap.encode(images)
+    for i, a in enumerate(alone):  # each part is that member's own tuned features
+        torch.testing.assert_close(feats[:, i * 1280:(i + 1) * 1280], a.encode(images), rtol=1e-4, atol=1e-4)
+    by_hand = Ensemble([a.decoder for a in alone])
+    with torch.no_grad():
+        s_ens = cap.decoder.init_state(feats)
+        s_hand = [m.init_state(a.encode(images)) for m, a in zip(by_hand.members, alone)]
+    torch.testing.assert_close(s_ens[0], torch.cat([s[0] for s in s_hand]), rtol=1e-4, atol=1e-4)
+    # cached features (the trunk's maps, each member's stage on them) equal the encoder's own, and the views align
+    cached = model_features(cap.encoder, images, data / "cache", workers=0, progress=False)
+    assert cached.features.shape == (len(images), 2 * 1280)
+    torch.testing.assert_close(torch.tensor(np.asarray(cached.features), dtype=torch.float32), feats, atol=2e-2, rtol=1e-2)
+    six = cap.encode(images[:2], views=6)
+    halves = [a.encode(images[:2], views=6) for a in alone]
+    torch.testing.assert_close(six, torch.cat(halves, 1), rtol=1e-4, atol=1e-4)
+    # int8 storage quantises the tuned kernels too, and the bundle still captions like the float32 file
+    bundle = Path(__file__).parent.parent / "train" / "bundle.py"
+    r = subprocess.run([sys.executable, bundle, *map(str, ckpts), "--storage", "int8", "--out", tmp_path / "b8.safetensors"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
+    from captioner.checkpoint import load_tensors
+    t8, meta = load_tensors(tmp_path / "b8.safetensors")
+    assert t8[f"encoder.m1.{head}"].dtype == torch.int8 and meta["encoder"]["parts"] == 2
+    c8 = Captioner.load(tmp_path / "b8.safetensors", precision="float32")
+    w, w8 = cap.encoder.state_dict()[f"members.1.{head}"], c8.encoder.state_dict()[f"members.1.{head}"]
+    assert ((w8 - w).abs() <= w.abs().amax((1, 2, 3), keepdim=True) / 254 * 1.001 + 1e-6).all()
+    assert all(c8.caption(images[:2]))
+    # plain and tuned members cannot mix: they would need different features
+    with pytest.raises(CaptionerError, match="encoder differs"):
+        save_ensemble(tmp_path / "mix.safetensors", [plain[0], ckpts[0]])
