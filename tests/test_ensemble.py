@@ -186,6 +186,12 @@ def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_pa
     w, w8 = cap.encoder.state_dict()[f"members.1.{head}"], c8.encoder.state_dict()[f"members.1.{head}"]
     assert ((w8 - w).abs() <= w.abs().amax((1, 2, 3), keepdim=True) / 254 * 1.001 + 1e-6).all()
     assert all(c8.caption(images[:2]))
+    from captioner.checkpoint import save_tensors
+    for odd, msg in (({"parts": 3}, "3 encoder parts need as many members"), ({"parts": "two"}, "malformed"),
+                     ({"parts": 1}, "1280-d features but encoder efficientnet_lite0 gives 2560-d")):  # metadata that does not fit the tensors: one clear line
+        save_tensors(tmp_path / "odd.safetensors", t8, {**meta, "encoder": {**meta["encoder"], **odd}})
+        with pytest.raises(CaptionerError, match=msg):
+            Captioner.load(tmp_path / "odd.safetensors")
     # plain and tuned members cannot mix: they would need different features
     with pytest.raises(CaptionerError, match="encoder differs"):
         save_ensemble(tmp_path / "mix.safetensors", [plain[0], ckpts[0]])
