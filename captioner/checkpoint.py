@@ -25,6 +25,9 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 # (each row scaled by its own largest magnitude, the scales kept beside it as float32 under SCALE_SUFFIX).
 STORAGES = ("float32", "float16", "int8")
 SCALE_SUFFIX = ".int8_scale"
+# int8 files store a fine-tuned stage's kernels as their difference from the package's pretrained weights in
+# 4 bits (15 levels per output row, two a byte), which the checkpoint can rebuild (encoders.tuned_alone).
+DELTA_SUFFIX, DELTA_SCALE_SUFFIX = ".delta4", ".delta4_scale"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -139,6 +142,26 @@ def unpack_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[s
     if unscaled:
         raise CaptionerError(f"{path}: int8 weights {unscaled[0]} come without their scale ({unscaled[0]}{SCALE_SUFFIX})")
     return out
+
+
+def pack_delta4(w: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w - base`, one float16 scale per output row and a level in -7..7 per weight, two levels a byte."""
+    d = (w.float() - base.float()).reshape(w.shape[0], -1)
+    scale = (d.abs().amax(1, keepdim=True).clamp_min(1e-12) / 7).half()
+    q = (torch.round(d / scale.float()).clamp(-7, 7) + 8).to(torch.uint8)
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1), value=8)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale
+
+
+def unpack_delta4(packed: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    """`base` plus the 4-bit difference; None when the stored tensors do not fit `base`'s shape."""
+    cols = base[0].numel() if base.dim() else 0
+    if (packed.dtype != torch.uint8 or packed.dim() != 2 or base.dim() < 2 or packed.shape[0] != base.shape[0]
+            or packed.shape[1] != (cols + 1) // 2 or tuple(scale.shape) != (base.shape[0], 1)):
+        return None
+    q = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)[:, :cols]
+    return base.float() + ((q.float() - 8) * scale.float()).view(base.shape)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

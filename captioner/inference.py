@@ -7,7 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .checkpoint import first_problem, load_tensors, pack_weights, prefixed, save_tensors, unpack_weights
+from .checkpoint import (DELTA_SCALE_SUFFIX, DELTA_SUFFIX, first_problem, load_tensors, pack_delta4, pack_weights,
+                         prefixed, save_tensors, unpack_delta4, unpack_weights)
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
@@ -48,8 +49,14 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
     an encoder's fine-tuned stages travel with it, its pretrained rest does not."""
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     tuned = encoder.tuned_state_dict()
-    tensors.update({f"encoder.{k}": v for k, v in tuned.items()})
+    deltas = storage == "int8" and encoder.tuned_alone  # kernels as 4-bit differences from the package's
+    base = create_encoder(encoder.name).state_dict() if deltas else {}
+    tensors.update({f"encoder.{k}": v for k, v in tuned.items() if not (deltas and v.dim() >= 2)})
     tensors = pack_weights(tensors, storage)
+    for k, v in tuned.items():
+        if deltas and v.dim() >= 2:  # a SharedTrunk's keys start with their member ("m0.")
+            packed, scale = pack_delta4(v, base[k.split(".", 1)[1] if encoder.parts > 1 else k])
+            tensors[f"encoder.{k}{DELTA_SUFFIX}"], tensors[f"encoder.{k}{DELTA_SCALE_SUFFIX}"] = packed, scale
     split = isinstance(decoder, Ensemble) and decoder.split_features
     if split != (encoder.parts > 1):
         raise CaptionerError("an ensemble splits its features exactly when its encoder is a SharedTrunk")
@@ -129,6 +136,15 @@ def _build_encoder(path: str | Path, enc_name: str, pool: str, tuned: int, saved
         return encoder
     if not 0 <= tuned <= len(encoder.stages):
         raise CaptionerError(f"{path}: {enc_name} has {len(encoder.stages)} stages, not {tuned} to fine-tune")
+    enc_sd = dict(enc_sd)
+    pretrained = encoder.state_dict()
+    for k in [k for k in enc_sd if k.endswith(DELTA_SUFFIX)]:  # int8 files: differences from the package's weights
+        name = k[: -len(DELTA_SUFFIX)]
+        w = unpack_delta4(enc_sd.pop(k), enc_sd.pop(name + DELTA_SCALE_SUFFIX, torch.empty(0)),
+                          pretrained.get(name, torch.empty(0))) if tuned else None
+        if w is None:
+            raise CaptionerError(f"{path}: 4-bit weight difference {k} does not fit {enc_name}'s pretrained {name}")
+        enc_sd[name] = w
     encoder.tuned = tuned or len(encoder.stages)
     want = set(encoder.tuned_state_dict())
     if set(enc_sd) != want:  # strict=False below would let a missing or stray tensor pass

@@ -142,7 +142,7 @@ def test_bundle_script_and_refusals(runs, tmp_path, capsys):
 def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_path):
     """Each member keeps its own tuned last stage: one trunk pass per image, each member's stage on it, and each
     decoder reads its own features; the int8 file (its convolution kernels included) decodes alike."""
-    from captioner.encoders import SharedTrunk
+    from captioner.encoders import SharedTrunk, create_encoder
     from captioner.features import model_features
     data, plain = runs
     ckpts = []
@@ -181,15 +181,22 @@ def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_pa
     assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
     from captioner.checkpoint import load_tensors
     t8, meta = load_tensors(tmp_path / "b8.safetensors")
-    assert t8[f"encoder.m1.{head}"].dtype == torch.int8 and meta["encoder"]["parts"] == 2
+    assert meta["encoder"]["parts"] == 2 and f"encoder.m1.{head}" not in t8
+    assert t8[f"encoder.m1.{head}.delta4"].dtype == torch.uint8  # 4 bits of difference from the pretrained kernels
     c8 = Captioner.load(tmp_path / "b8.safetensors", precision="float32")
     w, w8 = cap.encoder.state_dict()[f"members.1.{head}"], c8.encoder.state_dict()[f"members.1.{head}"]
-    assert ((w8 - w).abs() <= w.abs().amax((1, 2, 3), keepdim=True) / 254 * 1.001 + 1e-6).all()
+    d = w - create_encoder().state_dict()[head]
+    assert d.abs().max() > 1e-3 and ((w8 - w).abs() <= d.abs().amax((1, 2, 3), keepdim=True) / 14 * 1.01 + 1e-7).all()
+    bn = "features.net._bn1.weight"  # vectors stay float16
+    assert torch.allclose(c8.encoder.state_dict()[f"members.0.{bn}"], cap.encoder.state_dict()[f"members.0.{bn}"], rtol=1e-3)
     assert all(c8.caption(images[:2]))
     from captioner.checkpoint import save_tensors
     for odd, msg in (({"parts": 3}, "3 encoder parts need as many members"), ({"parts": "two"}, "malformed"),
-                     ({"parts": 1}, "1280-d features but encoder efficientnet_lite0 gives 2560-d")):  # metadata that does not fit the tensors: one clear line
-        save_tensors(tmp_path / "odd.safetensors", t8, {**meta, "encoder": {**meta["encoder"], **odd}})
+                     ({"parts": 1}, "1280-d features but encoder efficientnet_lite0 gives 2560-d"),
+                     ({"cut": 1}, "4-bit weight difference features.net._conv_head.weight.delta4 does not fit")):
+        # metadata or tensors that do not fit together: one clear line
+        cut = {k: v[:, :-1] if k.endswith(".delta4") and "cut" in odd else v for k, v in t8.items()}
+        save_tensors(tmp_path / "odd.safetensors", cut, {**meta, "encoder": {**meta["encoder"], **odd}})
         with pytest.raises(CaptionerError, match=msg):
             Captioner.load(tmp_path / "odd.safetensors")
     # plain and tuned members cannot mix: they would need different features
