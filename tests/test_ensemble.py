@@ -190,6 +190,10 @@ def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_pa
     bn = "features.net._bn1.weight"  # vectors stay float16
     assert torch.allclose(c8.encoder.state_dict()[f"members.0.{bn}"], cap.encoder.state_dict()[f"members.0.{bn}"], rtol=1e-3)
     assert all(c8.caption(images[:2]))
+    from captioner.inference import bundle as bundle_one
+    bundle_one(tmp_path / "one8.safetensors", [ckpts[1]], storage="int8")  # one tuned model stores its delta alike
+    one = Captioner.load(tmp_path / "one8.safetensors", precision="float32").encoder.state_dict()[head]
+    torch.testing.assert_close(one, w8, rtol=0, atol=1e-6)
     from captioner.checkpoint import save_tensors
     for odd, msg in (({"parts": 3}, "3 encoder parts need as many members"), ({"parts": "two"}, "malformed"),
                      ({"parts": 1}, "1280-d features but encoder efficientnet_lite0 gives 2560-d"),
