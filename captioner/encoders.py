@@ -109,10 +109,8 @@ def average_views(features: Sequence[torch.Tensor], pool: str, views: Sequence[P
                   parts: int = 1) -> torch.Tensor:
     """The mean of each view's features (views[i]'s in features[i]), their region grids aligned first;
     `parts` > 1: each row is that many encoders' features side by side (SharedTrunk), aligned each."""
-    def align(f: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-        return torch.cat([align_view(p, pool, pre) for p in f.chunk(parts, -1)], -1) if parts > 1 else \
-            align_view(f, pool, pre)
-    return torch.stack([align(f, pre) for f, pre in zip(features, views)]).mean(0)
+    return torch.stack([torch.cat([align_view(p, pool, pre) for p in f.chunk(parts, -1)], -1)
+                        for f, pre in zip(features, views)]).mean(0)
 
 
 class Encoder(nn.Module):
@@ -261,12 +259,6 @@ class SharedTrunk(nn.Module):
 
     def weights_tag(self) -> str:
         return "+".join(m.weights_tag() for m in self.members)
-
-    def train(self, mode: bool = True) -> "SharedTrunk":
-        for m in self.members:
-            m.train(mode)
-        self.training = mode
-        return self
 
 
 class Trunk(nn.Module):
