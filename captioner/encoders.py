@@ -236,6 +236,8 @@ class SharedTrunk(nn.Module):
                         for m in members):
             raise CaptionerError("encoders share a trunk only when each has the same fine-tuned top stages of the "
                                  "same pretrained CNN, pooling and preprocessing")
+        for m in members[1:]:
+            _share_frozen(first, m)
         self.members = nn.ModuleList(members)
         self.name, self.pool, self.preprocess, self.parts = first.name, first.pool, first.preprocess, len(members)
         self.tuned = self.tuned_alone = n
@@ -259,6 +261,23 @@ class SharedTrunk(nn.Module):
 
     def weights_tag(self) -> str:
         return "+".join(m.weights_tag() for m in self.members)
+
+
+def _share_frozen(first: Encoder, other: Encoder) -> None:
+    """`other`'s tensors outside its tuned stages become `first`'s: only member 0's trunk ever runs, and the
+    rest of each member is the same pretrained CNN, so one copy in memory serves them all."""
+    tuned = {id(t) for stage in other.stages[-other.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
+    mine = dict(first.named_modules())
+    for name, module in other.named_modules():
+        for table in ("_parameters", "_buffers"):
+            theirs, ours = getattr(module, table), getattr(mine[name], table)
+            for k, t in theirs.items():
+                if t is None or id(t) in tuned:
+                    continue
+                if not torch.equal(t, ours[k]):
+                    raise CaptionerError(f"encoders share a trunk only when it is the same pretrained CNN ({name}.{k} "
+                                         "differs)")
+                theirs[k] = ours[k]
 
 
 class Trunk(nn.Module):

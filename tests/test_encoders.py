@@ -124,3 +124,31 @@ def test_fine_tuned_top_on_cached_maps_equals_the_whole_encoder():
         assert Trunk(enc, 1).name != Trunk(enc, 2).name != enc.name  # cached apart
         with pytest.raises(CaptionerError, match="cannot be cut"):
             enc.trunk(x, len(enc.stages) + 1)
+
+
+def test_shared_trunk_keeps_one_copy_of_the_frozen_cnn():
+    """Only member 0's trunk runs, so the others' frozen tensors are member 0's; a trunk that is not the same
+    pretrained CNN cannot be shared (its features would silently be member 0's)."""
+    from captioner.encoders import SharedTrunk
+    a, b = create_encoder(pool="regions"), create_encoder(pool="regions")
+    for e in (a, b):
+        e.freeze(1)
+    with torch.no_grad():
+        b.stages[-1][0].weight.add_(0.1)  # b's own tuned head
+    head = b.stages[-1][0].weight.clone()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = torch.cat([a(x), b(x)], 1)
+        shared = SharedTrunk([a, b])
+        assert torch.equal(shared(x), want)
+    sd = shared.state_dict()
+    stem = "features.net._conv_stem.weight"
+    assert sd[f"members.1.{stem}"].data_ptr() == sd[f"members.0.{stem}"].data_ptr()
+    assert sd[f"members.1.features.net._bn0.running_mean"].data_ptr() == sd["members.0.features.net._bn0.running_mean"].data_ptr()
+    assert torch.equal(b.stages[-1][0].weight, head) and not torch.equal(a.stages[-1][0].weight, head)
+    c = create_encoder(pool="regions")
+    c.freeze(1)
+    with torch.no_grad():
+        c.features.net._conv_stem.weight.mul_(2)
+    with pytest.raises(CaptionerError, match="same pretrained CNN.*_conv_stem.weight differs"):
+        SharedTrunk([a, c])

@@ -158,6 +158,9 @@ def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_pa
     alone = [Captioner.load(c) for c in ckpts]
     head = "features.net._conv_head.weight"
     assert not torch.equal(alone[0].encoder.state_dict()[head], alone[1].encoder.state_dict()[head])
+    sd, stem = cap.encoder.state_dict(), "features.net._conv_stem.weight"
+    assert sd[f"members.1.{stem}"].data_ptr() == sd[f"members.0.{stem}"].data_ptr()  # one trunk in memory
+    assert not torch.equal(sd[f"members.1.{head}"], sd[f"members.0.{head}"])  # each member's own head
     images = sorted(data.glob("img*.jpg"))
     feats = cap.encode(images)
     for i, a in enumerate(alone):  # each part is that member's own tuned features
