@@ -184,6 +184,10 @@ class Encoder(nn.Module):
         mine = {id(t) for stage in self.stages[-self.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in mine}
 
+    def package_state_dict(self) -> dict[str, torch.Tensor]:
+        """The package's pretrained weights under this encoder's keys: what int8 files store a tuned stage against."""
+        return create_encoder(self.name).state_dict()
+
     def weights_tag(self) -> str:
         """Part of the feature cache's key: a digest of the fine-tuned weights ("" for pretrained ones)."""
         if not self.tuned:
@@ -258,6 +262,10 @@ class SharedTrunk(nn.Module):
 
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"m{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.tuned_state_dict().items()}
+
+    def package_state_dict(self) -> dict[str, torch.Tensor]:
+        base = self.members[0].package_state_dict()
+        return {f"m{i}.{k}": v for i in range(self.parts) for k, v in base.items()}
 
     def weights_tag(self) -> str:
         return "+".join(m.weights_tag() for m in self.members)

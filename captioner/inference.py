@@ -49,14 +49,13 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
     an encoder's fine-tuned stages travel with it, its pretrained rest does not."""
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     tuned = encoder.tuned_state_dict()
-    deltas = storage == "int8" and encoder.tuned_alone  # kernels as 4-bit differences from the package's
-    base = create_encoder(encoder.name).state_dict() if deltas else {}
-    tensors.update({f"encoder.{k}": v for k, v in tuned.items() if not (deltas and v.dim() >= 2)})
+    # int8: kernels as 4-bit differences from the package's weights
+    kernels = {k: v for k, v in tuned.items() if v.dim() >= 2} if storage == "int8" and encoder.tuned_alone else {}
+    tensors.update({f"encoder.{k}": v for k, v in tuned.items() if k not in kernels})
     tensors = pack_weights(tensors, storage)
-    for k, v in tuned.items():
-        if deltas and v.dim() >= 2:  # a SharedTrunk's keys start with their member ("m0.")
-            packed, scale = pack_delta4(v, base[k.split(".", 1)[1] if encoder.parts > 1 else k])
-            tensors[f"encoder.{k}{DELTA_SUFFIX}"], tensors[f"encoder.{k}{DELTA_SCALE_SUFFIX}"] = packed, scale
+    base = encoder.package_state_dict() if kernels else {}
+    for k, v in kernels.items():
+        tensors[f"encoder.{k}{DELTA_SUFFIX}"], tensors[f"encoder.{k}{DELTA_SCALE_SUFFIX}"] = pack_delta4(v, base[k])
     split = isinstance(decoder, Ensemble) and decoder.split_features
     if split != (encoder.parts > 1):
         raise CaptionerError("an ensemble splits its features exactly when its encoder is a SharedTrunk")
