@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheduled sampling: the chance that a word's input is the model's own sampled word instead of "
                         "the caption's, ramped from 0 in the first epoch to this in the last (one LSTM layer; training "
                         "then unrolls the LSTM word by word)")
+    t.add_argument("--concept-weight", type=_nonneg_float, default=d.concept_weight,
+                   help="the image step also reads the words its captions are likely to hold, predicted from the image "
+                        "embedding against the word embeddings and trained by a bag-of-words loss of this weight "
+                        "beside the captions' (0 = off)")
     t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     t.add_argument("--select", choices=SELECT, default=d.select,
                    help="the epoch kept as best.safetensors: best greedy dev BLEU-4, lowest dev loss, or the last")

@@ -155,15 +155,19 @@ def setup(device: str = "cpu") -> DistContext:
 
 def ddp_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
              label_smoothing: float, global_tokens: int, world: int, weight: float = 1.0,
-             sample_prob: float = 0.0) -> torch.Tensor:
+             sample_prob: float = 0.0, bags: torch.Tensor | None = None, concept_weight: float = 0.0) -> torch.Tensor:
     """This rank's share of the global batch's mean token loss, scaled so DDP's gradient average is exact.
 
     `model` is the DDP-wrapped decoder (its forward gives logits and targets); `weight` 0 marks a
-    placeholder shard on a rank that got no captions of this (last, short) batch.
+    placeholder shard on a rank that got no captions of this (last, short) batch. The concepts' loss
+    (`bags`) is this shard's mean, which DDP's average makes the mean of the ranks' means.
     """
     logits, targets = model(features, captions, lengths, sample_prob)
     loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
-    return loss * (weight * world / global_tokens)
+    loss = loss * (weight * world / global_tokens)
+    if bags is not None and concept_weight:
+        loss = loss + weight * concept_weight * getattr(model, "module", model).concept_loss(features, bags)
+    return loss
 
 
 def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:

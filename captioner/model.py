@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 State = tuple[torch.Tensor, ...]  # (h, c) or, with regions, (h, c, memory)
 ROWS = 256
+NO_CONCEPT = 4  # ids below this (pad, start, end, unk) are not concepts
 
 
 def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +47,7 @@ class DecoderConfig:
     att_dropout: float = 0.5  # on the region vectors themselves: attention learns the training images fast
     att_positions: bool = False  # a learned key per grid cell, so attention can tell where a region is
     att_feed: bool = False  # the attended context [att_dim] is the next step's LSTM input too
+    concepts: bool = False  # the image step also reads the words the image's captions are likely to hold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,9 +84,21 @@ class ShowAndTell(nn.Module):
             self.att_out = nn.Linear(cfg.att_dim, cfg.hidden_dim, bias=False)
             if cfg.att_positions:
                 self.att_pos = nn.Parameter(torch.zeros(cfg.regions, 1, cfg.att_dim))
+        if cfg.concepts:
+            self.concept_bias = nn.Parameter(torch.full((cfg.vocab_size - NO_CONCEPT,), -4.0))  # a word in ~2% of images
+
+    def concept_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Whether each word (specials aside) is in the image's captions, as logits [B, V - 4], read from its
+        embedding `image` (image_embed's output) against the word embeddings: no weights of its own beyond a
+        bias per word, and trained (train.py's concept_weight) as a bag of words over all its captions."""
+        return image @ self.word_embed.weight[NO_CONCEPT:].t() + self.concept_bias
 
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.image_embed(features[:, : self.image_embed.in_features]))
+        image = self.image_embed(features[:, : self.image_embed.in_features])
+        if self.cfg.concepts:  # plus the expected embedding of the words the image's captions hold
+            p = torch.sigmoid(self.concept_logits(image))
+            image = image + p @ self.word_embed.weight[NO_CONCEPT:] / (1 + p.sum(-1, keepdim=True))
+        return self.dropout(image)
 
     def memory(self, features: torch.Tensor) -> torch.Tensor:
         """The image's regions as keys and values in the hidden state's space, [R, B, 2H] (rows on axis 1, as
@@ -188,9 +202,19 @@ class ShowAndTell(nn.Module):
         return self.out(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
     def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             label_smoothing: float = 0.0, sample_prob: float = 0.0) -> torch.Tensor:
+             label_smoothing: float = 0.0, sample_prob: float = 0.0, bags: torch.Tensor | None = None,
+             concept_weight: float = 0.0) -> torch.Tensor:
+        """Mean token cross-entropy; with `bags` ([B, V - 4]: 1 where a word is in any caption of the row's
+        image), plus concept_weight x the concepts' binary cross-entropy per word present."""
         logits, targets = self(features, captions, lengths, sample_prob)
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        if bags is not None and concept_weight:
+            loss = loss + concept_weight * self.concept_loss(features, bags)
+        return loss
+
+    def concept_loss(self, features: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        logits = self.concept_logits(self.image_embed(features[:, : self.image_embed.in_features]))
+        return F.binary_cross_entropy_with_logits(logits.float(), bags, reduction="sum") / bags.sum().clamp(min=1)
 
     # --- step-by-step interface used by greedy and beam search ---
     def init_state(self, features: torch.Tensor) -> State:

@@ -30,7 +30,7 @@ from .features import FeatureRows, FeatureSet, extract_features
 from .inference import save_model
 from .memory import trim_if_due
 from .metrics import bleu
-from .model import DecoderConfig, ShowAndTell
+from .model import NO_CONCEPT, DecoderConfig, ShowAndTell
 from .vocab import Vocabulary
 
 
@@ -74,6 +74,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     sample_prob: float = 0.0  # scheduled sampling: chance of feeding the model's own word, ramped up to this
+    concept_weight: float = 0.0  # > 0: the image step also reads predicted concepts (words of the image's
+    # captions), trained by a bag-of-words loss of this weight beside the captions' (model.py, concept_logits)
     grad_clip: float = 5.0
     patience: int = 4
     select: str = "bleu"  # the epoch kept in best.safetensors: SELECT
@@ -117,6 +119,7 @@ class TrainConfig:
                   (self.embed_dim >= 1 and self.hidden_dim >= 1, "sizes must be >= 1"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
                   (0 <= self.sample_prob < 1, "sample prob must be in [0, 1)"),
+                  (0 <= self.concept_weight < math.inf, "concept weight must be >= 0 (0 = off)"),
                   (0 <= self.ema < 1, "ema must be in [0, 1) (0 = off)"),
                   (not (self.ema and self.fine_tune_blocks), "ema averages the decoder only; it cannot be combined "
                    "with fine_tune_blocks"),
@@ -356,6 +359,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     out_items.append((row, ids[: cfg.max_len + 1] + ([vocab.end_id] if len(ids) > cfg.max_len + 1 else [])))
         return out_items
     train_items = items(train_rows, train_recs, 0)
+    # --concept-weight: each training image's bag of words (every caption's, specials aside), as column ids
+    bags = {row: sorted({i - NO_CONCEPT for c in train_recs[row].captions for i in vocab.encode(c) if i >= NO_CONCEPT})
+            for row in train_rows} if cfg.concept_weight else {}
     dev_items = items(dev_rows, dev_recs, n_train)
     dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
     if not train_items:
@@ -366,7 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout, attended_regions(cfg.pool),
                                       att_dropout=cfg.att_dropout, att_positions=cfg.att_positions,
-                                      att_feed=cfg.att_feed)).to(cfg.device)
+                                      att_feed=cfg.att_feed, concepts=cfg.concept_weight > 0)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder
@@ -382,6 +388,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def feature_batch(rows: list[int]) -> torch.Tensor:  # cached rows (float16) on the device, widened
         return to_device(feats[rows], cfg.device).float()
+
+    def bag_batch(items_: list[int]) -> torch.Tensor | None:
+        if not bags:
+            return None
+        out_bags = torch.zeros(len(items_), len(vocab) - NO_CONCEPT)
+        for j, i in enumerate(items_):
+            out_bags[j, bags[train_items[i][0]]] = 1.0
+        return to_device(out_bags, cfg.device)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     st = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -488,9 +502,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     if dctx.enabled:
                         loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens, cfg.label_smoothing,
                                         sum(len(train_items[i][1]) - 1 for i in idx), dctx.world,
-                                        weight=float(bool(dctx.shard(idx))), sample_prob=sample_prob)
+                                        weight=float(bool(dctx.shard(idx))), sample_prob=sample_prob,
+                                        bags=bag_batch(mine), concept_weight=cfg.concept_weight)
                     else:
-                        loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing, sample_prob)
+                        loss = model.loss(f, to_device(caps, cfg.device), lens, cfg.label_smoothing, sample_prob,
+                                          bag_batch(mine), cfg.concept_weight)
                 optimizer_step(loss, optim, params, scaler, cfg.grad_clip)
                 if averaged is not None:
                     averaged.update_parameters(model)
