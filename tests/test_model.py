@@ -255,3 +255,36 @@ def test_image_step_equals_nn_lstm_from_a_zero_state(layers, feed):
         state[0].sum().backward()  # SCST samples from it with gradients
         assert m.lstm.weight_ih_l0.grad is not None
         m.zero_grad()
+
+
+def test_concepts_learn_each_images_words_and_feed_the_image_step():
+    """With concepts, the bag-of-words loss teaches the image embedding which words its captions hold (read
+    against the word embeddings), and the image step reads them: other concept biases, another first state."""
+    from captioner.model import NO_CONCEPT
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    feats = torch.randn(len(CAPTIONS), 32)
+    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0,
+                                      concepts=True))
+    assert not hasattr(ShowAndTell(DecoderConfig(len(vocab), feature_dim=32)), "concept_bias")
+    caps, lens = _pad([vocab.encode(c) for c in CAPTIONS])
+    bags = torch.zeros(len(CAPTIONS), len(vocab) - NO_CONCEPT)
+    for j, c in enumerate(CAPTIONS):
+        bags[j, [i - NO_CONCEPT for i in vocab.encode(c) if i >= NO_CONCEPT]] = 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model.concept_loss(feats, bags).item()
+    for _ in range(300):
+        loss = model.loss(feats, caps, lens, bags=bags, concept_weight=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert model.concept_loss(feats, bags).item() < 0.05 * first
+    with torch.no_grad():
+        p = torch.sigmoid(model.concept_logits(model.image_embed(feats)))
+        assert torch.equal(p > 0.5, bags.bool())
+        before = model.init_state(feats)[0]
+        model.concept_bias -= 100.0  # no word predicted
+        assert (model.init_state(feats)[0] - before).abs().max() > 0.05
+        model.concept_bias += 100.0
+    assert [vocab.decode(hs[0].tokens) for hs in beam_search(model, feats, vocab, beam_size=3)] == CAPTIONS

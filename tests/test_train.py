@@ -11,7 +11,7 @@ from captioner.checkpoint import load_tensors
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.train import Interrupted, TrainConfig, resume_config, train
-from conftest import ROOT, make_tiny_dataset
+from conftest import ROOT, TINY_WORDS, make_tiny_dataset
 
 
 
@@ -496,3 +496,36 @@ def test_ema_keeps_the_average_resumes_exactly_and_logs_the_raw_weights(tiny_dat
             _cfg(tiny_data, tmp_path / "x", ema=bad).validate()
     with pytest.raises(CaptionerError, match="fine_tune_blocks"):
         _cfg(tiny_data, tmp_path / "x", ema=0.9, fine_tune_blocks=1).validate()
+
+
+def test_concepts_train_from_each_images_captions_go_through_scst_and_load(tiny_data, tmp_path):
+    """--concept-weight end to end: the bag of each training image's words is the concepts' target (the loss
+    falls), the checkpoint keeps the concepts, and SCST and captioning run from it."""
+    from captioner.cli import main
+    from captioner.model import NO_CONCEPT
+    with pytest.raises(CaptionerError, match="concept weight"):
+        _cfg(tiny_data, tmp_path / "x", concept_weight=-1.0).validate()
+    train(_cfg(tiny_data, tmp_path / "xe", epochs=10, lr=1e-2, pool="regions", concept_weight=0.5), progress=False)
+    cap = Captioner.load(tmp_path / "xe")
+    d = cap.decoder
+    assert d.cfg.concepts and d.concept_bias.shape == (len(cap.vocab) - NO_CONCEPT,)
+    # Training image i's captions hold three of the eight TINY_WORDS: its three likeliest concepts among them
+    # should mostly be those (chance: 9 of 24; bags taken from the wrong images: 3)
+    feats = cap.encode([tiny_data / f"img{i}.jpg" for i in range(8)])
+    with torch.no_grad():
+        p = torch.sigmoid(d.concept_logits(d.image_embed(feats[:, :d.image_embed.in_features])))
+    cols = torch.tensor([cap.vocab.stoi[w] - NO_CONCEPT for w in TINY_WORDS])
+    top = p[:, cols].topk(3).indices
+    hits = sum(int(((top[i] - i) % 8 < 3).sum()) for i in range(8))
+    assert hits >= 16
+    assert not Captioner.load(_train_plain(tiny_data, tmp_path)).decoder.cfg.concepts
+    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
+                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
+    assert all(Captioner.load(tmp_path / "scst").caption(imgs))
+
+
+def _train_plain(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "plain", epochs=1), progress=False)
+    return tmp_path / "plain"
