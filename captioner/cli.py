@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
 
-from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = int8 on x86 CPUs (1.9-2.4x the captions/s "
                   "batched and 2.6-2.9x faster one-image captioning than float32, BLEU-4 within 0.1), else bfloat16 "
@@ -22,20 +23,32 @@ BLOCK_HELP = ("no caption repeats a word trigram, as in 'a man in a cowboy hat a
 from .errors import CaptionerError
 
 
-def _int_at_least(low: int):
-    """argparse type: a whole number >= low, with a one-line message otherwise."""
+def _int_at_least(low: int, high: int | None = None):
+    """argparse type: a whole number >= low (and <= high), with a one-line message otherwise."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {v}")
+        if v < low or high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}" + (f" and <= {high}" if high is not None
+                                                                              else "") + f", got {v}")
         return v
     return parse
 
 
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+_beam_int, _rerank_int, _len_int = _int_at_least(1, MAX_BEAM), _int_at_least(0, MAX_BEAM), _int_at_least(1, MAX_LEN)
+
+
+def _finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
+    return v
 
 
 def _nonneg_float(s: str) -> float:
@@ -183,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print one caption per image.")
     c.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, WebP, ...)")
     c.add_argument("--model", help="checkpoint (.safetensors) or run folder; default: the bundled Flickr8k model")
-    c.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE, help=f"beam width; 1 = greedy (default: {BEAM_SIZE})")
-    c.add_argument("--n-best", type=_positive_int, default=1, help="also list the N best captions (default: 1)")
-    c.add_argument("--max-len", type=_positive_int, default=20, help="maximum caption length in words (default: 20)")
-    c.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
+    c.add_argument("--beam-size", type=_beam_int, default=BEAM_SIZE, help=f"beam width, 1 to {MAX_BEAM}; 1 = greedy (default: {BEAM_SIZE})")
+    c.add_argument("--n-best", type=_beam_int, default=1, help=f"also list the N best captions, up to {MAX_BEAM} (default: 1)")
+    c.add_argument("--max-len", type=_len_int, default=20, help=f"maximum caption length in words, up to {MAX_LEN} (default: 20)")
+    c.add_argument("--length-penalty", type=_finite_float, default=LENGTH_PENALTY,
                    help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
-    c.add_argument("--rerank", type=_nonneg_int, default=RERANK, help=RERANK_HELP)
+    c.add_argument("--rerank", type=_rerank_int, default=RERANK, help=RERANK_HELP)
     c.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS, help=BLOCK_HELP)
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -206,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset path, as for train")
     e.add_argument("--split", default="test", help="train, dev (val) or test")
     e.add_argument("--images", help="images folder, where the annotations do not say")
-    e.add_argument("--beam-size", type=_positive_int, default=BEAM_SIZE, help="as for caption")
-    e.add_argument("--max-len", type=_positive_int, default=20)
-    e.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, help="as for caption")
-    e.add_argument("--rerank", type=_nonneg_int, default=RERANK, help="as for caption")
+    e.add_argument("--beam-size", type=_beam_int, default=BEAM_SIZE, help="as for caption")
+    e.add_argument("--max-len", type=_len_int, default=20)
+    e.add_argument("--length-penalty", type=_finite_float, default=LENGTH_PENALTY, help="as for caption")
+    e.add_argument("--rerank", type=_rerank_int, default=RERANK, help="as for caption")
     e.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS,
                    help="as for caption")
     e.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="as for caption")
@@ -248,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scst", action="store_true", help="second stage: self-critical sequence training on CIDEr-D "
                    "from --init CKPT (defaults then: 5 epochs, lr 2e-5, 32 images x --samples per batch, dev beam 3)")
     t.add_argument("--init", help="with --scst: the cross-entropy checkpoint to start from")
-    t.add_argument("--samples", type=_positive_int, default=5, help="with --scst: captions sampled per image")
+    t.add_argument("--samples", type=_beam_int, default=5, help="with --scst: captions sampled per image")
     t.add_argument("--meteor-weight", type=_nonneg_float, default=0.0,
                    help="with --scst: reward CIDEr-D + this x METEOR (needs Java; default 0: CIDEr-D alone)")
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
@@ -308,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=_nonneg_int, default=d.workers, help="image decoding processes")
     t.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
     t.add_argument("--dev-images", type=_nonneg_int, default=d.dev_images, help="dev images scored per epoch (0 = all)")
-    t.add_argument("--eval-beam", type=_positive_int, default=d.eval_beam, help="beam size for the per-epoch dev BLEU")
+    t.add_argument("--eval-beam", type=_beam_int, default=d.eval_beam, help="beam size for the per-epoch dev BLEU")
     t.add_argument("--save-every", type=_nonneg_int, default=d.save_every, help="also save resumable state every N steps")
     t.add_argument("--stop-after-steps", type=_nonneg_int, default=d.stop_after_steps, help=argparse.SUPPRESS)
     t.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")

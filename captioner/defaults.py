@@ -15,6 +15,11 @@ a wider beam alone scores lower (beam 10: 20.71 / 19.39 / 50.55). For the int8 p
 session 23: 21.47 / 20.48 / 53.62 against 21.12 / 19.80 / 52.44 at plain beam 3.
 """
 BEAM_SIZE = 10
+# Upper bounds for beam size, n-best and caption length anywhere (the demo's are lower): beam search holds
+# beam x images rows, and `--n-best 1000000` asked the OOM killer for 24 GB, `--beam-size 20000` ran 102 s for
+# one photo; beam 50 takes the time of beam 10.
+MAX_BEAM = 100
+MAX_LEN = 100
 RERANK = 3  # the caption is the one of the beam's RERANK best that agrees most with all its results
 LENGTH_PENALTY = 0.5
 # No caption repeats a word trigram ("a man wearing a cowboy hat and a cowboy hat"), as in

@@ -1,6 +1,7 @@
 """`Captioner`: load a checkpoint once, caption paths or PIL images in batches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -12,7 +13,7 @@ from .checkpoint import (DELTA_SCALE_SUFFIX, DELTA_SUFFIX, first_problem, load_t
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
-from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, PRECISIONS, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK
 from .encoders import Encoder, Preprocess, SharedTrunk, average_views, create_encoder, test_views
 from .errors import CaptionerError
 from .images import ImageSource, load_image
@@ -250,8 +251,12 @@ class Captioner:
         """`rerank` R > 1: the caption is the one of the beam's R best that agrees most with all its
         `beam_size` results (consensus.py); 0 or 1 keeps the beam's own best. `block_trigrams`: beam search
         never repeats a word trigram (greedy decoding, beam 1, is left as it is)."""
-        if beam_size < 1 or max_len < 1 or n_best < 1 or rerank < 0:
-            raise CaptionerError("beam size, max length and n-best must be at least 1, rerank at least 0")
+        if not (1 <= beam_size <= MAX_BEAM and 1 <= n_best <= MAX_BEAM and 0 <= rerank <= MAX_BEAM):
+            raise CaptionerError(f"beam size and n-best must be 1 to {MAX_BEAM}, rerank 0 to {MAX_BEAM}")
+        if not 1 <= max_len <= MAX_LEN:
+            raise CaptionerError(f"max length must be 1 to {MAX_LEN} words")
+        if not math.isfinite(length_penalty):
+            raise CaptionerError(f"length penalty must be a finite number, got {length_penalty}")
         rerank = min(rerank, beam_size)
         if beam_size == 1 and n_best == 1:
             hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, max_len,

@@ -23,6 +23,7 @@ from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, l
                          prepare_out_dir, remove_stale_temp_files, save_tensors)
 from .data import Dataset, Record, load_dataset
 from .decoding import greedy, beam_search
+from .defaults import MAX_BEAM
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
 from .encoders import CROPS, DEFAULT_ENCODER, Encoder, Trunk, TunedTop, attended_regions, create_encoder
 from .errors import CaptionerError
@@ -132,6 +133,7 @@ class TrainConfig:
                   (0 <= self.min_lr_ratio <= 1, "min lr ratio must be in [0, 1]"),
                   (self.num_layers >= 1 and self.patience >= 1 and self.eval_beam >= 1,
                    "layers, patience and eval beam must be >= 1"),
+                  (self.eval_beam <= MAX_BEAM, f"eval beam must be <= {MAX_BEAM}"),
                   (min(self.warmup_steps, self.save_every, self.dev_images, self.stop_after_steps) >= 0,
                    "warmup steps, save every, dev images and stop after steps must be >= 0")]
         for ok, msg in checks:

@@ -134,3 +134,17 @@ def test_precision_is_chosen_by_the_hardware_and_can_be_forced(monkeypatch):
     assert Captioner.load().precision == ("bfloat16" if bfloat16_is_native() else "float32")
     with pytest.raises(CaptionerError, match="int8 decoding runs on CPUs"):
         Captioner.load(precision="int8")
+
+
+def test_decode_refuses_settings_beyond_its_limits_before_any_work(real):
+    """The library's own guard (the CLI's flags and the demo stop such values earlier): a beam of a million rows
+    per image would be tens of GB, a NaN length penalty an arbitrary ranking."""
+    from captioner.defaults import MAX_BEAM, MAX_LEN
+    from captioner.errors import CaptionerError
+    cap, feats = real
+    for kw, needle in [({"beam_size": MAX_BEAM + 1}, "beam size"), ({"n_best": 10**6}, "n-best"),
+                       ({"rerank": MAX_BEAM + 1}, "rerank"), ({"max_len": MAX_LEN + 1}, "max length"),
+                       ({"length_penalty": float("nan")}, "length penalty"), ({"length_penalty": float("inf")}, "finite")]:
+        with pytest.raises(CaptionerError, match=needle):
+            cap.decode(feats[:1], **kw)
+    assert len(cap.decode(feats[:1], beam_size=MAX_BEAM, n_best=MAX_BEAM, max_len=MAX_LEN)[0].alternatives) > 1
