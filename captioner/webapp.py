@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 METHODS = ("Beam search", "Greedy", "Sampling")
+# The demo's own limits, below defaults.MAX_BEAM and MAX_LEN (the library's): anyone can reach a public demo
 MAX_BEAM, MAX_ALTERNATIVES, MAX_WORDS, MAX_BATCH = 10, 10, 50, 200
 TRIM_REQUESTS = 16  # give freed heap back every this many requests (Gradio's worker threads each grow a malloc arena)
 ALT_HEADERS = ["caption", "log-prob", "share of listed"]
