@@ -31,8 +31,8 @@ def _int_at_least(low: int, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
         if v < low or high is not None and v > high:
-            raise argparse.ArgumentTypeError(f"expected a number >= {low}" + (f" and <= {high}" if high is not None
-                                                                              else "") + f", got {v}")
+            bound = f">= {low}" if high is None else f">= {low} and <= {high}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {v}")
         return v
     return parse
 
@@ -41,24 +41,20 @@ _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 _beam_int, _rerank_int, _len_int = _int_at_least(1, MAX_BEAM), _int_at_least(0, MAX_BEAM), _int_at_least(1, MAX_LEN)
 
 
-def _finite_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
-    return v
+def _finite_float_at_least(low: float | None = None):
+    """argparse type: a finite number (>= low), with a one-line message otherwise."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(v) or low is not None and v < low:
+            raise argparse.ArgumentTypeError(f"expected a finite number{'' if low is None else f' >= {low:g}'}, got {s}")
+        return v
+    return parse
 
 
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
-    return v
+_finite_float, _nonneg_float = _finite_float_at_least(), _finite_float_at_least(0)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:

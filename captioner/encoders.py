@@ -181,8 +181,13 @@ class Encoder(nn.Module):
             return {}
         if not self.tuned_alone:
             return dict(self.state_dict(keep_vars=True))
-        mine = {id(t) for stage in self.stages[-self.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
+        mine = self.tuned_tensor_ids()
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in mine}
+
+    def tuned_tensor_ids(self) -> set[int]:
+        """ids of the parameters and buffers of the fine-tuned stages (none when nothing is tuned)."""
+        stages = self.stages[len(self.stages) - self.tuned:]
+        return {id(t) for stage in stages for t in [*stage.parameters(), *stage.buffers()]}
 
     def package_state_dict(self) -> dict[str, torch.Tensor]:
         """The package's pretrained weights under this encoder's keys: what int8 files store a tuned stage against."""
@@ -274,7 +279,7 @@ class SharedTrunk(nn.Module):
 def _share_frozen(first: Encoder, other: Encoder) -> None:
     """`other`'s tensors outside its tuned stages become `first`'s: only member 0's trunk ever runs, and the
     rest of each member is the same pretrained CNN, so one copy in memory serves them all."""
-    tuned = {id(t) for stage in other.stages[-other.tuned:] for t in [*stage.parameters(), *stage.buffers()]}
+    tuned = other.tuned_tensor_ids()
     mine = dict(first.named_modules())
     for name, module in other.named_modules():
         for table in ("_parameters", "_buffers"):

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .vocab import SPECIALS
+
 State = tuple[torch.Tensor, ...]  # (h, c) or, with regions, (h, c, memory)
 ROWS = 256
-NO_CONCEPT = 4  # ids below this (pad, start, end, unk) are not concepts
+NO_CONCEPT = len(SPECIALS)  # ids below this (pad, start, end, unk) are not concepts
 
 
 def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +95,12 @@ class ShowAndTell(nn.Module):
         bias per word, and trained (train.py's concept_weight) as a bag of words over all its captions."""
         return image @ self.word_embed.weight[NO_CONCEPT:].t() + self.concept_bias
 
+    def image_vector(self, features: torch.Tensor) -> torch.Tensor:
+        """The global feature's embedding, before concepts and dropout."""
+        return self.image_embed(features[:, : self.image_embed.in_features])
+
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
-        image = self.image_embed(features[:, : self.image_embed.in_features])
+        image = self.image_vector(features)
         if self.cfg.concepts:  # plus the expected embedding of the words the image's captions hold
             p = torch.sigmoid(self.concept_logits(image))
             image = image + p @ self.word_embed.weight[NO_CONCEPT:] / (1 + p.sum(-1, keepdim=True))
@@ -213,7 +219,7 @@ class ShowAndTell(nn.Module):
         return loss
 
     def concept_loss(self, features: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
-        logits = self.concept_logits(self.image_embed(features[:, : self.image_embed.in_features]))
+        logits = self.concept_logits(self.image_vector(features))
         return F.binary_cross_entropy_with_logits(logits.float(), bags, reduction="sum") / bags.sum().clamp(min=1)
 
     # --- step-by-step interface used by greedy and beam search ---

@@ -281,7 +281,7 @@ def test_concepts_learn_each_images_words_and_feed_the_image_step():
     model.eval()
     assert model.concept_loss(feats, bags).item() < 0.05 * first
     with torch.no_grad():
-        p = torch.sigmoid(model.concept_logits(model.image_embed(feats)))
+        p = torch.sigmoid(model.concept_logits(model.image_vector(feats)))
         assert torch.equal(p > 0.5, bags.bool())
         before = model.init_state(feats)[0]
         model.concept_bias -= 100.0  # no word predicted

@@ -513,7 +513,7 @@ def test_concepts_train_from_each_images_captions_go_through_scst_and_load(tiny_
     # should mostly be those (chance: 9 of 24; bags taken from the wrong images: 3)
     feats = cap.encode([tiny_data / f"img{i}.jpg" for i in range(8)])
     with torch.no_grad():
-        p = torch.sigmoid(d.concept_logits(d.image_embed(feats[:, :d.image_embed.in_features])))
+        p = torch.sigmoid(d.concept_logits(d.image_vector(feats)))
     cols = torch.tensor([cap.vocab.stoi[w] - NO_CONCEPT for w in TINY_WORDS])
     top = p[:, cols].topk(3).indices
     hits = sum(int(((top[i] - i) % 8 < 3).sum()) for i in range(8))
