@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--att-feed", action="store_true",
                    help="feed what attention read back into the LSTM as its next input (--pool regions; one layer; "
                         "training unrolls the LSTM step by step)")
+    t.add_argument("--tie-words", action="store_true",
+                   help="score words against their input embeddings, through a hidden-to-embedding projection "
+                        "(Press & Wolf 2017): fewer weights, one table for reading and writing words")
     t.add_argument("--min-count", type=_positive_int, default=d.min_count, help="words seen fewer times become <unk>")
     t.add_argument("--max-len", type=_positive_int, default=d.max_len, help="captions are cut to this many words")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)

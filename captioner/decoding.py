@@ -81,8 +81,8 @@ def _decode_dtype(model: ShowAndTell) -> torch.dtype:
 
 
 def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
-    """(input table, hidden-to-gates weight, output weight, fed-back context's weight or an empty one) in
-    the model's decoding precision.
+    """(input table, hidden-to-gates weight, output weight, fed-back context's weight or an empty one,
+    output bias or None when int8's packed output weight holds it) in the model's decoding precision.
 
     The input table is every word's embedding already multiplied by the first layer's input weights
     (biases folded in): a step then multiplies only the hidden state, so the first layer's matrix work
@@ -91,19 +91,20 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
     """
     lstm, emb = model.lstm, model.word_embed.weight
     dtype = _decode_dtype(model)
-    params = (emb, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, lstm.weight_hh_l0, model.out.weight)
+    params = tuple(model.parameters())
     key = (dtype, tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
     cached = model.__dict__.get("_step_weights")
     if cached is None or cached[0] != key:
         with torch.inference_mode():
             E = emb.shape[1]
             table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0[:, :E].t())
-            weights = (table, lstm.weight_hh_l0, model.out.weight, lstm.weight_ih_l0[:, E:])
-            if dtype == INT8:
+            w_out, b_out = model.output_layer()
+            weights = (table, lstm.weight_hh_l0, w_out, lstm.weight_ih_l0[:, E:])
+            if dtype == INT8:  # the output bias rides in the packed output weight
                 w_feed = _int8_pack(weights[3]) if weights[3].shape[1] else None
-                cached = (key, (table, _int8_pack(weights[1]), _int8_pack(weights[2], model.out.bias), w_feed))
+                cached = (key, (table, _int8_pack(weights[1]), _int8_pack(w_out, b_out), w_feed, None))
             else:
-                cached = (key, tuple(w.to(dtype) for w in weights))
+                cached = (key, (*(w.to(dtype) for w in weights), b_out))
         model.__dict__["_step_weights"] = cached
     return cached[1]
 
@@ -127,7 +128,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     full = dtype == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
-    table, w_hh, w_out, w_feed = _step_weights(model)
+    table, w_hh, w_out, w_feed, b_out = _step_weights(model)
     if dtype == INT8:
         return _int8_step(model, tokens, state, table, w_hh, w_out, w_feed)
     if full:
@@ -141,9 +142,9 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     if model.cfg.regions:
         x = model.attend(x, state[2])
     if full:
-        logits = torch.addmm(model.out.bias, x, w_out.t())
+        logits = torch.addmm(b_out, x, w_out.t())
     else:
-        logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + model.out.bias
+        logits = torch.mm(x.to(w_out.dtype), w_out.t()).to(x.dtype) + b_out
     return torch.log_softmax(logits, dim=-1), (hs, cs, *state[2:])
 
 

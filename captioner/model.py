@@ -50,6 +50,7 @@ class DecoderConfig:
     att_positions: bool = False  # a learned key per grid cell, so attention can tell where a region is
     att_feed: bool = False  # the attended context [att_dim] is the next step's LSTM input too
     concepts: bool = False  # the image step also reads the words the image's captions are likely to hold
+    tie_words: bool = False  # the output layer scores words against their input embeddings (Press & Wolf 2017)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +79,13 @@ class ShowAndTell(nn.Module):
         self.lstm = nn.LSTM(cfg.embed_dim + self.feed_dim, cfg.hidden_dim, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        if cfg.tie_words:  # hidden -> embedding width, then the embeddings: H x E new weights instead of H x V
+            self.out_proj = nn.Linear(cfg.hidden_dim, cfg.embed_dim, bias=False)
+            self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+            with torch.no_grad():  # N(0, 1) rows would start the logits at a spread of about 7
+                nn.init.uniform_(self.word_embed.weight, -0.1, 0.1)[0].zero_()
+        else:
+            self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
         if cfg.regions:
             self.att_key = nn.Linear(channels, cfg.att_dim)
             self.att_value = nn.Linear(channels, cfg.att_dim)
@@ -94,6 +101,18 @@ class ShowAndTell(nn.Module):
         embedding `image` (image_embed's output) against the word embeddings: no weights of its own beyond a
         bias per word, and trained (train.py's concept_weight) as a bag of words over all its captions."""
         return image @ self.word_embed.weight[NO_CONCEPT:].t() + self.concept_bias
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cfg.tie_words:
+            return F.linear(self.out_proj(hidden), self.word_embed.weight, self.out_bias)
+        return self.out(hidden)
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer as one [V, H] weight and its bias, for decoding's precomputed step; tied, the
+        embeddings times the projection, folded once so that a step costs what an untied one does."""
+        if self.cfg.tie_words:
+            return self.word_embed.weight @ self.out_proj.weight, self.out_bias
+        return self.out.weight, self.out.bias
 
     def image_vector(self, features: torch.Tensor) -> torch.Tensor:
         """The global feature's embedding, before concepts and dropout."""
@@ -168,7 +187,7 @@ class ShowAndTell(nn.Module):
                 if bool(pick.any()):
                     with torch.no_grad():
                         hid = self.attend(h[pick], memory[:, :n][:, pick]) if memory is not None else h[pick]
-                        words = torch.multinomial(torch.softmax(self.out(hid).float(), -1), 1).squeeze(1)
+                        words = torch.multinomial(torch.softmax(self.logits(hid).float(), -1), 1).squeeze(1)
                     x = x.clone()
                     x[pick] = F.linear(self.dropout(self.word_embed(words)), w_word, bias).to(x.dtype)
             gates = x + F.linear(h, lstm.weight_hh_l0)
@@ -205,7 +224,7 @@ class ShowAndTell(nn.Module):
         # Round the token count up to a multiple of ROWS: with --amp every new shape makes oneDNN build and
         # keep another bf16 matmul, and the process grew to 2.6 GB in an epoch (2.1-2.2 GB so; eval/RESULTS.md).
         n = hidden.shape[0]
-        return self.out(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
+        return self.logits(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
     def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
              label_smoothing: float = 0.0, sample_prob: float = 0.0, bags: torch.Tensor | None = None,
@@ -252,7 +271,7 @@ class ShowAndTell(nn.Module):
 
     def readout(self, hidden: torch.Tensor, state: State) -> torch.Tensor:
         """Next-word logits from the top layer's output [N, H]."""
-        return self.out(self.attend(hidden, state[2]) if self.cfg.regions else hidden)
+        return self.logits(self.attend(hidden, state[2]) if self.cfg.regions else hidden)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the next word for each sequence, given its last token."""

@@ -65,6 +65,7 @@ class TrainConfig:
     att_dropout: float = 0.5  # on the region vectors (--pool regions)
     att_positions: bool = False  # learned position keys for the regions (--pool regions)
     att_feed: bool = False  # the attended context is the LSTM's next input too (--pool regions)
+    tie_words: bool = False  # the output layer scores words against the input embeddings (model.py)
     min_count: int = 5
     max_len: int = 20
     batch_size: int = 64
@@ -374,7 +375,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model = ShowAndTell(DecoderConfig(len(vocab), encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
                                       cfg.dropout, attended_regions(cfg.pool),
                                       att_dropout=cfg.att_dropout, att_positions=cfg.att_positions,
-                                      att_feed=cfg.att_feed, concepts=cfg.concept_weight > 0)).to(cfg.device)
+                                      att_feed=cfg.att_feed, concepts=cfg.concept_weight > 0,
+                                      tie_words=cfg.tie_words)).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     if fine_tune:  # the CNN's top stages learn too, 10x more gently than the fresh decoder

@@ -27,7 +27,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # torch.ao's deprecation notices
     torch.set_num_threads(1)
     decoder = load_model(BUNDLED_MODEL)[0]
-    for name, w in (("hidden-to-gates", decoder.lstm.weight_hh_l0), ("output layer", decoder.out.weight)):
+    for name, w in (("hidden-to-gates", decoder.lstm.weight_hh_l0), ("output layer", decoder.output_layer()[0])):
         w = w.detach().contiguous()
         scale = w.abs().amax(1).clamp_min(1e-12) / 127
         q = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)

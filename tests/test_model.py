@@ -10,11 +10,12 @@ CAPTIONS = ["a black dog runs on the grass", "two children play in the snow",
             "a man rides a red bike", "a woman sits on a bench"]
 
 
-def _overfit(steps: int = 300):
+def _overfit(steps: int = 300, tie: bool = False):
     torch.manual_seed(0)
     vocab = Vocabulary.build(CAPTIONS, min_count=1)
     feats = torch.randn(len(CAPTIONS), 32)
-    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0))
+    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0,
+                                      tie_words=tie))
     caps, lens = _pad([vocab.encode(c) for c in CAPTIONS])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -27,8 +28,9 @@ def _overfit(steps: int = 300):
     return model.eval(), vocab, feats, losses
 
 
-def test_tiny_model_overfits_and_greedy_reproduces_captions():
-    model, vocab, feats, losses = _overfit()
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_model_overfits_and_greedy_reproduces_captions(tie):
+    model, vocab, feats, losses = _overfit(tie=tie)
     assert losses[-1] < 0.05 * losses[0]
     decoded = [vocab.decode(h.tokens) for h in greedy(model, feats, vocab, max_len=12)]
     assert decoded == CAPTIONS
@@ -51,20 +53,23 @@ def test_decoding_step_equals_model_step_and_follows_weight_changes():
     from captioner.decoding import _step
     from captioner.model import DecoderConfig, ShowAndTell
     torch.manual_seed(0)
-    for layers in (1, 2):
-        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers)).eval()
+    for layers, tie in ((1, False), (2, False), (1, True)):
+        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers, tie_words=tie)).eval()
         for B in (1, 3, 65, 400):
             tokens = torch.randint(0, 40, (B,))
             state = (torch.randn(layers, B, 16), torch.randn(layers, B, 16))
-            for _ in range(2):
+            for change in (None, "input", "output"):  # optimizer steps, in place
+                with torch.no_grad():
+                    if change == "input":
+                        m.word_embed.weight.mul_(1.5)
+                        m.lstm.bias_hh_l0.add_(0.1)
+                    elif change == "output":
+                        (m.out_proj.weight if tie else m.out.weight).mul_(0.5)
                 with torch.inference_mode():
                     a, (ha, ca) = m.step(tokens, state)
                     b, (hb, cb) = _step(m, tokens, state)
                 for x, y in ((a, b), (ha, hb), (ca, cb)):
                     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-                with torch.no_grad():
-                    m.word_embed.weight.mul_(1.5)  # an optimizer step, in place
-                    m.lstm.bias_hh_l0.add_(0.1)
 
 
 def test_bfloat16_step_is_close_to_float32_and_switches_back():
@@ -103,7 +108,8 @@ def test_int8_step_is_close_to_float32_for_every_decoder_kind():
     from captioner.model import DecoderConfig, Ensemble, ShowAndTell
     torch.manual_seed(0)
     plain = [ShowAndTell(DecoderConfig(50, 12, 16, 32)).eval() for _ in range(2)]
-    kinds = [plain[0], Ensemble(plain), _attending(), _attending(feed=True), _attending(layers=2)]
+    tied = ShowAndTell(DecoderConfig(50, 12, 16, 32, tie_words=True)).eval()
+    kinds = [plain[0], Ensemble(plain), _attending(), _attending(feed=True), _attending(layers=2), tied]
     for model in kinds:
         B = 6
         feats = torch.randn(B, model.cfg.feature_dim)
@@ -288,3 +294,25 @@ def test_concepts_learn_each_images_words_and_feed_the_image_step():
         assert (model.init_state(feats)[0] - before).abs().max() > 0.05
         model.concept_bias += 100.0
     assert [vocab.decode(hs[0].tokens) for hs in beam_search(model, feats, vocab, beam_size=3)] == CAPTIONS
+
+
+def test_tied_output_layer_reads_the_word_embeddings():
+    """--tie-words: the logits are the hidden state's projection scored against the input embeddings, so
+    changing a word's embedding changes how it is written too; the untied output layer's H x V weights
+    are gone, and output_layer() (what decoding folds) gives the same logits as the training path."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, feature_dim=12, embed_dim=8, hidden_dim=32)
+    tied, free = (ShowAndTell(DecoderConfig(**cfg, tie_words=t)).eval() for t in (True, False))
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(free) - n(tied) == 32 * 300 - 32 * 8
+    assert not hasattr(tied, "out") and tied.word_embed.weight.abs().max() <= 0.1
+    assert torch.equal(tied.word_embed.weight[0], torch.zeros(8))
+    h = torch.randn(5, 32)
+    w, b = tied.output_layer()
+    torch.testing.assert_close(tied.logits(h), h @ w.t() + b)
+    before = tied.logits(h)
+    with torch.no_grad():
+        tied.word_embed.weight[7] += 1.0
+    after = tied.logits(h)
+    assert not torch.equal(after[:, 7], before[:, 7])
+    torch.testing.assert_close(after[:, :7], before[:, :7])

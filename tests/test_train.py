@@ -526,6 +526,28 @@ def test_concepts_train_from_each_images_captions_go_through_scst_and_load(tiny_
     assert all(Captioner.load(tmp_path / "scst").caption(imgs))
 
 
+def test_tied_words_train_go_through_scst_int8_storage_and_load(tiny_data, tmp_path):
+    """--tie-words end to end: the flag reaches the checkpoint, which has no H x V output layer, and a
+    model trained so goes through SCST, int8 bundling and captioning."""
+    from captioner.cli import main
+    from captioner.inference import bundle
+    assert main(["train", "--data", str(tiny_data / "caps.csv"), "--out", str(tmp_path / "xe"), "--epochs", "1",
+                 "--batch-size", "4", "--embed-dim", "16", "--hidden-dim", "16", "--min-count", "1",
+                 "--pool", "regions", "--tie-words", "--cache-dir", str(tiny_data / "cache"), "--workers", "0",
+                 "--quiet"]) == 0
+    names = set(load_tensors(tmp_path / "xe" / "best.safetensors")[0])
+    assert "decoder.out_proj.weight" in names and "decoder.out.weight" not in names
+    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
+                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
+    bundle(tmp_path / "b.safetensors", [tmp_path / "scst", tmp_path / "xe"], storage="int8")
+    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
+    for path in (tmp_path / "scst", tmp_path / "b.safetensors"):
+        cap = Captioner.load(path)
+        assert all(m.cfg.tie_words for m in getattr(cap.decoder, "members", [cap.decoder]))
+        assert all(cap.caption(imgs))
+
+
 def _train_plain(tiny_data, tmp_path):
     train(_cfg(tiny_data, tmp_path / "plain", epochs=1), progress=False)
     return tmp_path / "plain"
