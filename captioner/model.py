@@ -82,7 +82,7 @@ class ShowAndTell(nn.Module):
         if cfg.tie_words:  # hidden -> embedding width, then the embeddings: H x E new weights instead of H x V
             self.out_proj = nn.Linear(cfg.hidden_dim, cfg.embed_dim, bias=False)
             self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-            with torch.no_grad():  # N(0, 1) rows would start the logits at a spread of about 7
+            with torch.no_grad():  # N(0, 1) rows would start the logits at a spread of about 8
                 nn.init.uniform_(self.word_embed.weight, -0.1, 0.1)[0].zero_()
         else:
             self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
