@@ -103,7 +103,7 @@ def cmd_scst(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size if _given(args, "--batch-size") else d.batch_size,
                      lr=args.lr if _given(args, "--lr") else d.lr, samples=args.samples,
                      eval_beam=args.eval_beam if _given(args, "--eval-beam") else d.eval_beam, seed=args.seed,
-                     meteor_weight=args.meteor_weight,
+                     meteor_weight=args.meteor_weight, xe_weight=args.xe_weight,
                      cache_dir=args.cache_dir, workers=args.workers, device=args.device)
     summary = train_scst(cfg, progress=not args.quiet)
     print(f"best dev BLEU-4 {summary['best_dev_BLEU-4']:.2f}; model: {summary['checkpoint']} ({summary['seconds']:.0f}s)")
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=_beam_int, default=5, help="with --scst: captions sampled per image")
     t.add_argument("--meteor-weight", type=_nonneg_float, default=0.0,
                    help="with --scst: reward CIDEr-D + this x METEOR (needs Java; default 0: CIDEr-D alone)")
+    t.add_argument("--xe-weight", type=_nonneg_float, default=0.0,
+                   help="with --scst: add this x the references' cross-entropy (summed per caption) to the "
+                        "policy loss, which keeps the captions' length (default 0: the policy loss alone)")
     t.add_argument("--encoder", choices=list(ENCODERS), default=d.encoder, help="image encoder")
     t.add_argument("--encoder-weights", help="local weights file for the encoder (.safetensors or weights-only .pth)")
     t.add_argument("--fine-tune-blocks", type=_nonneg_int, default=d.fine_tune_blocks,

@@ -103,6 +103,7 @@ class ScstConfig:
     lr: float = 2e-5
     max_len: int = 16
     meteor_weight: float = 0.0  # reward = CIDEr-D + meteor_weight x METEOR
+    xe_weight: float = 0.0  # loss + xe_weight x the image's references' cross-entropy (per caption, summed)
     eval_beam: int = 3
     seed: int = 0
     cache_dir: str | None = None
@@ -173,10 +174,14 @@ def without_dropout(model: ShowAndTell):
 
 
 def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torch.Tensor, caps: torch.Tensor,
-                lengths: torch.Tensor, rewards: torch.Tensor, vocab: Vocabulary) -> None:
+                lengths: torch.Tensor, rewards: torch.Tensor, vocab: Vocabulary,
+                refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, xe_weight: float = 0.0) -> None:
     """One REINFORCE update from `sample`'s captions and their rewards [B, n].
 
     Each caption's baseline is the mean reward of the image's other samples (no greedy decode needed).
+    `refs` (the images' reference captions as (feature index, ids, lengths), see `reference_batch`) adds
+    `xe_weight` x their cross-entropy: CIDEr-D alone shortens the captions, and METEOR, which weighs recall,
+    pays for it; the references' likelihood holds the policy near the captions people write.
     """
     n = rewards.shape[1]
     baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
@@ -190,10 +195,29 @@ def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torc
     seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
                                                 packed.unsorted_indices), batch_first=True)[0].sum(1)
     loss = -(adv * seq_lp).mean()
+    if refs is not None and xe_weight:
+        rows, ref_caps, ref_lens = refs
+        with without_dropout(model):
+            ref_logits, ref_targets = model(features[rows.to(features.device)], ref_caps.to(features.device), ref_lens)
+        # <unk> targets are skipped: the policy never samples it, and raising it would undo _policy_mask
+        xe = torch.nn.functional.cross_entropy(ref_logits.float(), ref_targets, ignore_index=vocab.unk_id,
+                                               reduction="sum") / len(ref_lens)
+        loss = loss + xe_weight * xe
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     optim.step()
+
+
+def reference_batch(captions: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every reference of a batch's images as one padded batch: (image index per caption, ids [N, T], lengths)."""
+    rows = [i for i, caps in enumerate(captions) for _ in caps]
+    flat = [ids for caps in captions for ids in caps]
+    lens = torch.tensor([len(ids) for ids in flat], dtype=torch.long)
+    ids = torch.full((len(flat), int(lens.max())), pad_id, dtype=torch.long)
+    for i, c in enumerate(flat):
+        ids[i, :len(c)] = torch.tensor(c)
+    return torch.tensor(rows, dtype=torch.long), ids, lens
 
 
 def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
@@ -222,6 +246,10 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     tok_refs = {i: [" ".join(tokenize(c)) for c in train_recs[i].captions] for i in train_rows}
     cider = CiderD([train_recs[i].captions for i in train_rows])
     meteor = MeteorReward() if cfg.meteor_weight else None
+    max_ids = cfg.max_len + 2  # <start>, words, <end>: as long as a sample may be
+    ref_ids = {i: [ids[:max_ids - 1] + [vocab.end_id] if len(ids) > max_ids else ids
+                   for ids in map(vocab.encode, train_recs[i].captions) if len(ids) > 2]
+               for i in train_rows} if cfg.xe_weight else {}
     dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
     dev_cider = CiderD(dev_refs)  # document frequencies from the dev references, as the COCO evaluation does
     dev_tok_refs = [[" ".join(tokenize(c)) for c in refs] for refs in dev_refs]
@@ -264,7 +292,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             if meteor is not None:
                 reward = reward + cfg.meteor_weight * meteor(hyps, refs)
             r = torch.from_numpy(reward).float().view(len(rows), cfg.samples)
-            policy_step(model, optim, f, caps, lens, r, vocab)
+            refs = reference_batch([ref_ids[r] for r in rows], vocab.pad_id) if cfg.xe_weight else None
+            policy_step(model, optim, f, caps, lens, r, vocab, refs, cfg.xe_weight)
             if cfg.device == "cpu":
                 trim_if_due(b + 1)
             rewards.append(float(r.mean()))

@@ -327,6 +327,35 @@ def test_scst_update_trains_without_dropout_and_restores_the_mode():
     assert not m.training and any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
+def test_scst_references_cross_entropy_is_added_to_the_policy_loss():
+    """--xe-weight: with every reward equal (no policy gradient), the update is exactly the gradient of the
+    weight x the references' summed cross-entropy per caption, <unk> targets left out, dropout off."""
+    from captioner.model import DecoderConfig, ShowAndTell
+    from captioner.scst import policy_step, reference_batch, sample
+    from captioner.vocab import Vocabulary
+    torch.manual_seed(0)
+    v = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
+    m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8, dropout=0.5)).eval()
+    feats = torch.randn(2, 8)
+    caps, lens = sample(m, feats, v, 3, 6, torch.Generator().manual_seed(1))
+    refs = reference_batch([[v.encode("a dog runs"), v.encode("a zebra runs away")], [v.encode("a cat")]], v.pad_id)
+    assert refs[0].tolist() == [0, 0, 1] and refs[2].tolist() == [5, 6, 4] and refs[1][2, 4:].eq(v.pad_id).all()
+    before = [p.detach().clone() for p in m.parameters()]
+    policy_step(m, torch.optim.SGD(m.parameters(), lr=1.0), feats, caps, lens, torch.full((2, 3), 0.5), v)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # equal rewards, no XE: no change
+    ref = ShowAndTell(m.cfg).eval()  # the expected gradient, from a copy in eval mode (no dropout)
+    ref.load_state_dict(m.state_dict())
+    logits, targets = ref(feats[refs[0]], refs[1], refs[2])
+    assert (targets == v.unk_id).sum() == 2  # "zebra" and "away"
+    (0.25 * torch.nn.functional.cross_entropy(logits, targets, ignore_index=v.unk_id, reduction="sum") / 3).backward()
+    policy_step(m, torch.optim.SGD(m.parameters(), lr=1.0), feats, caps, lens, torch.full((2, 3), 0.5), v,
+                refs, 0.25)
+    got = torch.cat([(p0 - p.detach()).flatten() for p0, p in zip(before, m.parameters())])
+    grad = torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros(q.numel()) for q in ref.parameters()])
+    scale = min(1.0, 5.0 / float(grad.norm()))  # policy_step clips the gradient's norm at 5
+    assert got.abs().max() > 0 and torch.allclose(got, grad * scale, atol=1e-6)
+
+
 def test_scst_meteor_reward(tiny_data, tmp_path):
     from captioner.cli import main
     from captioner.scst import MeteorReward
@@ -420,7 +449,8 @@ def test_fed_back_attention_trains_goes_through_scst_and_loads(tiny_data, tmp_pa
     assert cap.decoder.cfg.att_feed and cap.decoder.lstm.input_size == 16 + cap.decoder.cfg.att_dim
     assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
                  str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
-                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
+                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet", "--xe-weight", "0.5"]) == 0
+    assert json.loads((tmp_path / "scst" / "config.json").read_text())["xe_weight"] == 0.5  # and regions' rows
     imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
     assert all(c.text for c in Captioner.load(tmp_path / "scst").caption_full(imgs, views=2))
 

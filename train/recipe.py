@@ -29,7 +29,8 @@ from captioner.inference import BUNDLE_STORAGES, bundle
 from captioner.train import RECIPE_KEYS, TrainConfig
 
 SCST_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "samples": "--samples",
-              "eval_beam": "--eval-beam", "meteor_weight": "--meteor-weight"}
+              "eval_beam": "--eval-beam", "meteor_weight": "--meteor-weight",
+              "xe_weight": "--xe-weight"}
 
 
 def _rss_mb(roots: list[int]) -> float:
