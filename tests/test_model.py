@@ -72,6 +72,29 @@ def test_decoding_step_equals_model_step_and_follows_weight_changes():
                     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_lowered_step_weights_follow_every_parameter():
+    """In bfloat16 and int8 the cached step weights are copies, so a change to a parameter must reach the
+    step whether the cache copies it or aliases it: the output bias alone here (today aliased, even inside
+    int8's packed weight, so this guards against a future copy that the cache key would then have to follow)."""
+    from captioner.decoding import INT8, _step, set_precision
+    torch.manual_seed(0)
+    tokens, state = torch.randint(4, 40, (5,)), (torch.randn(1, 5, 16), torch.randn(1, 5, 16))
+    for dtype in (torch.bfloat16, *([INT8] if int8_is_available() else [])):
+        for tie in (False, True):
+            m = ShowAndTell(DecoderConfig(40, 12, 8, 16, tie_words=tie)).eval()
+            set_precision(m, dtype)
+            with torch.inference_mode():
+                before = _step(m, tokens, state)[0]  # fills the cache
+            with torch.no_grad():
+                (m.out_bias if tie else m.out.bias).add_(torch.randn(40))
+            fresh = ShowAndTell(m.cfg).eval()
+            fresh.load_state_dict(m.state_dict())
+            set_precision(fresh, dtype)
+            with torch.inference_mode():
+                after, want = _step(m, tokens, state)[0], _step(fresh, tokens, state)[0]
+            assert not torch.equal(after, before) and torch.equal(after, want)
+
+
 def test_bfloat16_step_is_close_to_float32_and_switches_back():
     """bfloat16 decoder weights (the CPU default where the hardware has it) move log-probabilities by
     rounding only; the state stays float32; switching precision rebuilds the cached weights."""
