@@ -209,10 +209,14 @@ def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torc
     optim.step()
 
 
-def reference_batch(captions: list[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every reference of a batch's images as one padded batch: (image index per caption, ids [N, T], lengths)."""
+def reference_batch(captions: list[list[list[int]]],
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Every reference of a batch's images as one padded batch: (image index per caption, ids [N, T], lengths);
+    None when no image has one."""
     rows = [i for i, caps in enumerate(captions) for _ in caps]
     flat = [ids for caps in captions for ids in caps]
+    if not flat:
+        return None
     lens = torch.tensor([len(ids) for ids in flat], dtype=torch.long)
     ids = torch.full((len(flat), int(lens.max())), pad_id, dtype=torch.long)
     for i, c in enumerate(flat):
@@ -292,8 +296,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             if meteor is not None:
                 reward = reward + cfg.meteor_weight * meteor(hyps, refs)
             r = torch.from_numpy(reward).float().view(len(rows), cfg.samples)
-            refs = reference_batch([ref_ids[r] for r in rows], vocab.pad_id) if cfg.xe_weight else None
-            policy_step(model, optim, f, caps, lens, r, vocab, refs, cfg.xe_weight)
+            ref_batch = reference_batch([ref_ids[row] for row in rows], vocab.pad_id) if cfg.xe_weight else None
+            policy_step(model, optim, f, caps, lens, r, vocab, ref_batch, cfg.xe_weight)
             if cfg.device == "cpu":
                 trim_if_due(b + 1)
             rewards.append(float(r.mean()))
