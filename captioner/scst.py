@@ -31,6 +31,7 @@ from .inference import load_model, save_model
 from .memory import trim_if_due
 from .metrics import _close_meteor, bleu
 from .model import ShowAndTell
+from .train import _pad
 from .vocab import Vocabulary, tokenize
 
 
@@ -188,40 +189,34 @@ def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torc
     adv = (rewards - baseline).view(-1).to(features.device)
     with without_dropout(model):
         logits, targets = model(features.repeat_interleave(n, 0), caps.to(features.device), lengths)
+        xe = 0.0
+        if refs is not None and xe_weight:
+            rows, ref_caps, ref_lens = refs
+            ref_logits, ref_targets = model(features[rows.to(features.device)], ref_caps.to(features.device), ref_lens)
+            # <unk> targets are skipped: the policy never samples it, and raising it would undo _policy_mask
+            xe = torch.nn.functional.cross_entropy(ref_logits.float(), ref_targets, ignore_index=vocab.unk_id,
+                                                   reduction="sum") / len(ref_lens)
     tok_lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lengths), vocab), targets, reduction="none")
     # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
     packed = pack_padded_sequence(torch.zeros(len(lengths), int(lengths.max()) - 1, device=tok_lp.device),
                                   lengths - 1, batch_first=True, enforce_sorted=False)
     seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
                                                 packed.unsorted_indices), batch_first=True)[0].sum(1)
-    loss = -(adv * seq_lp).mean()
-    if refs is not None and xe_weight:
-        rows, ref_caps, ref_lens = refs
-        with without_dropout(model):
-            ref_logits, ref_targets = model(features[rows.to(features.device)], ref_caps.to(features.device), ref_lens)
-        # <unk> targets are skipped: the policy never samples it, and raising it would undo _policy_mask
-        xe = torch.nn.functional.cross_entropy(ref_logits.float(), ref_targets, ignore_index=vocab.unk_id,
-                                               reduction="sum") / len(ref_lens)
-        loss = loss + xe_weight * xe
+    loss = -(adv * seq_lp).mean() + xe_weight * xe
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     optim.step()
 
 
-def reference_batch(captions: list[list[list[int]]],
-                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def reference_batch(captions: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Every reference of a batch's images as one padded batch: (image index per caption, ids [N, T], lengths);
     None when no image has one."""
     rows = [i for i, caps in enumerate(captions) for _ in caps]
     flat = [ids for caps in captions for ids in caps]
     if not flat:
         return None
-    lens = torch.tensor([len(ids) for ids in flat], dtype=torch.long)
-    ids = torch.full((len(flat), int(lens.max())), pad_id, dtype=torch.long)
-    for i, c in enumerate(flat):
-        ids[i, :len(c)] = torch.tensor(c)
-    return torch.tensor(rows, dtype=torch.long), ids, lens
+    return (torch.tensor(rows, dtype=torch.long), *_pad(flat))  # training's padding: <pad> is id 0
 
 
 def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
@@ -296,7 +291,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             if meteor is not None:
                 reward = reward + cfg.meteor_weight * meteor(hyps, refs)
             r = torch.from_numpy(reward).float().view(len(rows), cfg.samples)
-            ref_batch = reference_batch([ref_ids[row] for row in rows], vocab.pad_id) if cfg.xe_weight else None
+            ref_batch = reference_batch([ref_ids[row] for row in rows]) if cfg.xe_weight else None
             policy_step(model, optim, f, caps, lens, r, vocab, ref_batch, cfg.xe_weight)
             if cfg.device == "cpu":
                 trim_if_due(b + 1)

@@ -338,9 +338,9 @@ def test_scst_references_cross_entropy_is_added_to_the_policy_loss():
     m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8, dropout=0.5)).eval()
     feats = torch.randn(2, 8)
     caps, lens = sample(m, feats, v, 3, 6, torch.Generator().manual_seed(1))
-    refs = reference_batch([[v.encode("a dog runs"), v.encode("a zebra runs away")], [v.encode("a cat")]], v.pad_id)
+    refs = reference_batch([[v.encode("a dog runs"), v.encode("a zebra runs away")], [v.encode("a cat")]])
     assert refs[0].tolist() == [0, 0, 1] and refs[2].tolist() == [5, 6, 4] and refs[1][2, 4:].eq(v.pad_id).all()
-    assert reference_batch([[], []], v.pad_id) is None  # images whose captions were all empty
+    assert reference_batch([[], []]) is None  # images whose captions were all empty
     before = [p.detach().clone() for p in m.parameters()]
     policy_step(m, torch.optim.SGD(m.parameters(), lr=1.0), feats, caps, lens, torch.full((2, 3), 0.5), v)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # equal rewards, no XE: no change
