@@ -5,6 +5,8 @@ caption toolkit (pycocoevalcap, needs Java for METEOR) when installed. All score
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from typing import Sequence
 
@@ -88,11 +90,32 @@ def coco_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) ->
     """BLEU-1..4 (0-100) by the COCO toolkit's own scorer, used by the tests to check `bleu` agrees."""
     from pycocoevalcap.bleu.bleu import Bleu
     res, gts = _toolkit_inputs(hypotheses, references, empty="")
-    import contextlib
-    import io
     with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its ratios
         total, _ = Bleu(4).compute_score(gts, res)
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(total, 1)}
+
+
+def toolkit_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (0-100) the COCO toolkit's own way, its PTB tokenizer (Java) on the
+    raw captions instead of `tokenize`: what published figures were scored with, to check ours against."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in rs] for i, rs in enumerate(references)})
+    res = tok.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
+    with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its ratios
+        bleu, _ = Bleu(4).compute_score(gts, res)
+    out = {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(bleu, 1)}
+    for name, cls in (("METEOR", Meteor), ("ROUGE-L", Rouge), ("CIDEr", Cider)):
+        scorer = cls()
+        out[name] = 100.0 * float(scorer.compute_score(gts, res)[0])
+        if name == "METEOR":
+            _close_meteor(scorer)
+    return out
 
 
 def all_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
