@@ -276,6 +276,41 @@ class SharedTrunk(nn.Module):
         return "+".join(m.weights_tag() for m in self.members)
 
 
+class EncoderStack(nn.Module):
+    """Different pretrained CNNs side by side, one per member of an ensemble (model.Ensemble's
+    `split_features` hands each decoder its own part). Decoders that read different CNNs disagree more
+    usefully than seeds of one: on Flickr8k dev each Lite0 + Lite2 pair beat both one-CNN pairs of the same
+    runs on every metric (eval/RESULTS.md, "A pair that reads two CNNs"). Each CNN reads the image at its
+    own size, so a stack has no single `preprocess`: callers encode each of `parts_of(encoder)` and join."""
+
+    def __init__(self, members: Sequence[Encoder]):
+        super().__init__()
+        first = members[0] if members else None
+        if len(members) < 2 or any(m.tuned or m.parts != 1 or m.pool != first.pool or m.dim != first.dim
+                                   for m in members):
+            raise CaptionerError("encoders stack only as two or more pretrained CNNs (none fine-tuned) with the same "
+                                 "pooling and feature size")
+        self.members = nn.ModuleList(members)
+        self.name = "+".join(m.name for m in members)
+        self.pool, self.parts, self.tuned, self.tuned_alone = first.pool, len(members), 0, 0
+
+    @property
+    def dim(self) -> int:
+        return sum(m.dim for m in self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise CaptionerError("a stack of encoders encodes images through parts_of(): each CNN has its own input size")
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def parts_of(encoder: nn.Module) -> list[Encoder]:
+    """The encoders that each read the image themselves: a stack's CNNs, else the encoder alone (a SharedTrunk
+    reads it once for all its members)."""
+    return list(encoder.members) if isinstance(encoder, EncoderStack) else [encoder]
+
+
 def _share_frozen(first: Encoder, other: Encoder) -> None:
     """`other`'s tensors outside its tuned stages become `first`'s: only member 0's trunk ever runs, and the
     rest of each member is the same pretrained CNN, so one copy in memory serves them all."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, RERANK
-from .encoders import average_views, test_views
+from .encoders import average_views, parts_of, test_views
 from .errors import CaptionerError
 from .features import model_features
 from .inference import Captioner
@@ -49,13 +49,17 @@ def view_features(cap: Captioner, images: list, views: int = 1, cache_dir: str |
                   progress: bool = True, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, list]:
     """Cached features of the images' `views` test views, averaged, for the images every view could read
     (the mask), and the paths of those it could not; each view is cached on its own."""
-    pres = test_views(cap.encoder.preprocess, views)
-    sets = [model_features(cap.encoder, images, cache_dir, workers=workers, progress=progress, device=device,
-                           preprocess=pre) for pre in pres]
-    mask = np.logical_and.reduce([s.valid_mask() for s in sets])
-    feats = average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
-                          cap.encoder.pool, pres, cap.encoder.parts)
-    return feats, mask, sorted(set().union(*(s.bad for s in sets)))
+    parts = []
+    for enc in parts_of(cap.encoder):  # a stack's CNNs each read the images at their own size
+        pres = test_views(enc.preprocess, views)
+        sets = [model_features(enc, images, cache_dir, workers=workers, progress=progress, device=device,
+                               preprocess=pre) for pre in pres]
+        parts.append((sets, pres, enc))
+    all_sets = [s for sets, _, _ in parts for s in sets]
+    mask = np.logical_and.reduce([s.valid_mask() for s in all_sets])
+    feats = torch.cat([average_views([torch.from_numpy(np.asarray(s.features[mask], dtype=np.float32)) for s in sets],
+                                     enc.pool, pres, enc.parts) for sets, pres, enc in parts], -1)
+    return feats, mask, sorted(set().union(*(s.bad for s in all_sets)))
 
 
 def evaluate(model: str | Path | None, data: str | Path, split: str = "test", beam_size: int = BEAM_SIZE,

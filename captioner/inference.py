@@ -14,7 +14,8 @@ from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precis
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
 from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK
-from .encoders import Encoder, Preprocess, SharedTrunk, average_views, create_encoder, test_views
+from .encoders import (Encoder, EncoderStack, Preprocess, SharedTrunk, average_views, create_encoder, parts_of,
+                       test_views)
 from .errors import CaptionerError
 from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
@@ -59,10 +60,13 @@ def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: E
         tensors[f"encoder.{k}{DELTA_SUFFIX}"], tensors[f"encoder.{k}{DELTA_SCALE_SUFFIX}"] = pack_delta4(v, base[k])
     split = isinstance(decoder, Ensemble) and decoder.split_features
     if split != (encoder.parts > 1):
-        raise CaptionerError("an ensemble splits its features exactly when its encoder is a SharedTrunk")
+        raise CaptionerError("an ensemble splits its features exactly when its encoder is a SharedTrunk or a stack")
+    stack = isinstance(encoder, EncoderStack)
     meta = {"decoder": decoder.cfg.to_dict(), "vocab": vocab.to_list(),
             **({"ensemble": [m.cfg.to_dict() for m in decoder.members]} if isinstance(decoder, Ensemble) else {}),
-            "encoder": {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
+            "encoder": {"name": encoder.name, "dim": encoder.dim,
+                        **({"stack": [{"name": m.name, "preprocess": m.preprocess.to_dict()} for m in encoder.members]}
+                           if stack else {"preprocess": encoder.preprocess.to_dict()}),
                         **({"pool": encoder.pool} if encoder.pool != "avg" else {}),
                         "weights_included": bool(tuned),
                         **({"tuned_stages": encoder.tuned_alone} if encoder.tuned_alone else {}),
@@ -85,12 +89,17 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         tuned = int(enc_meta.get("tuned_stages", 0))  # 0 with weights: an older checkpoint holding the whole CNN
         parts = int(enc_meta.get("parts", 1))  # > 1: members fine-tuned their own top stages (SharedTrunk)
         saved_pre = Preprocess.from_dict(enc_meta["preprocess"]) if "preprocess" in enc_meta else None
+        stack = enc_meta.get("stack")  # members that read different CNNs (EncoderStack), one each
+        if stack is not None:
+            if not isinstance(stack, list) or len(stack) != parts or tuned or with_encoder:
+                raise ValueError(f"'stack' must list {parts} pretrained encoders, one per encoder part")
+            stack = [(m["name"], Preprocess.from_dict(m["preprocess"])) for m in stack]
         if "ensemble" in meta:
             members = meta["ensemble"]
             if not isinstance(members, list) or not members:
                 raise ValueError("'ensemble' must list the members' decoder configs")
-            if parts > 1 and (len(members) != parts or not tuned):
-                raise ValueError(f"{parts} encoder parts need as many members, each with tuned stages")
+            if parts > 1 and (len(members) != parts or not (tuned or stack)):
+                raise ValueError(f"{parts} encoder parts need as many members, each with tuned stages or its own CNN")
             decoder = Ensemble([ShowAndTell(DecoderConfig.from_dict(d)) for d in members], split_features=parts > 1)
         elif parts != 1:
             raise ValueError("encoder parts without an ensemble")
@@ -100,13 +109,16 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
         raise CaptionerError(f"{path}: checkpoint metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if cfg.vocab_size != len(vocab):
         raise CaptionerError(f"{path}: decoder expects {cfg.vocab_size} words but the vocabulary has {len(vocab)}")
-    if enc_name not in ENCODERS:
-        raise CaptionerError(f"{path}: unknown encoder {enc_name!r} (known: {', '.join(ENCODERS)})")
+    names = [name for name, _ in stack] if stack else [enc_name]
+    for name in names:
+        if name not in ENCODERS:
+            raise CaptionerError(f"{path}: unknown encoder {name!r} (known: {', '.join(ENCODERS)})")
     pool = enc_meta.get("pool", "avg")
     if pool not in POOLS:
         raise CaptionerError(f"{path}: unknown pooling {pool!r} (known: {', '.join(POOLS)})")
     want_dim = decoder.feature_dim if isinstance(decoder, Ensemble) else cfg.feature_dim
-    for dim in (ENCODER_DIMS.get(enc_name, 0) * POOLS[pool] * parts or None, enc_meta.get("dim")):
+    native = sum(ENCODER_DIMS.get(n, 0) for n in names) * POOLS[pool] * (1 if stack else parts)
+    for dim in (native or None, enc_meta.get("dim")):
         if dim is not None and dim != want_dim:
             raise CaptionerError(f"{path}: decoder expects {want_dim}-d features but encoder {enc_name} "
                                  f"gives {dim}-d ones")
@@ -116,7 +128,9 @@ def load_model(path: str | Path) -> tuple[Decoder, Vocabulary, Encoder, dict]:
     except RuntimeError as e:
         raise CaptionerError(f"{path}: weights do not match the config ({first_problem(e)})") from None
     enc_sd = prefixed(tensors, "encoder.")
-    if parts > 1:
+    if stack:
+        encoder = EncoderStack([_build_encoder(path, name, pool, 0, pre, None) for name, pre in stack])
+    elif parts > 1:
         encoder = SharedTrunk([_build_encoder(path, enc_name, pool, tuned, saved_pre, prefixed(enc_sd, f"m{i}."))
                                for i in range(parts)])
     else:
@@ -159,8 +173,9 @@ def _build_encoder(path: str | Path, enc_name: str, pool: str, tuned: int, saved
 
 
 def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "float32") -> int:
-    """One checkpoint holding the decoders of several runs (same data, vocabulary and encoder), which
-    then decode together (model.Ensemble). Returns the number of members."""
+    """One checkpoint holding the decoders of several runs (same data and vocabulary), which then decode
+    together (model.Ensemble). Members that read different pretrained CNNs keep them (EncoderStack); members
+    that fine-tuned the same CNN's top stages share its trunk (SharedTrunk). Returns the number of members."""
     decoders: list[ShowAndTell] = []
     encoders: list[Encoder] = []  # one per member
     first = None
@@ -170,26 +185,30 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: 
             raise CaptionerError(f"{ckpt}: carries a whole fine-tuned CNN; an ensemble can share only a pretrained "
                                  f"one whose members tuned their top stages (--fine-tune-blocks)")
         if first is None:
-            first = (vocab, encoder, meta)
+            first = (vocab, encoder)
         elif vocab.to_list() != first[0].to_list():
             raise CaptionerError(f"{ckpt}: vocabulary differs from {checkpoints[0]}'s; ensemble members must be "
                                  f"trained on the same data with the same --min-count")
-        elif (encoder.name, encoder.preprocess, encoder.pool, encoder.tuned_alone) != (
-                first[1].name, first[1].preprocess, first[1].pool, first[1].tuned_alone):
-            raise CaptionerError(f"{ckpt}: encoder differs from {checkpoints[0]}'s (name, preprocessing, pooling or "
-                                 f"fine-tuned stages)")
         members = list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
         decoders += members
         encoders += list(encoder.members) if encoder.parts > 1 else [encoder] * len(members)
     if first is None:
         raise CaptionerError("no checkpoints to combine")
-    tuned = first[1].tuned_alone > 0  # each member then brings its own tuned stages
+    kinds = {(e.name, e.preprocess, e.pool, e.tuned_alone) for e in encoders}
+    tuned = any(e.tuned_alone for e in encoders)  # each member then brings its own tuned stages
+    if tuned and len(kinds) > 1:
+        raise CaptionerError("encoder differs between members: members that fine-tuned their encoder's top stages "
+                             "combine only with members that tuned the same stages of the same CNN")
+    if len({e.pool for e in encoders}) > 1:
+        raise CaptionerError("ensemble members must pool their encoders' features the same way")
+    stacked = not tuned and len(kinds) > 1  # members that read different CNNs
     try:
-        ensemble = Ensemble(decoders, split_features=tuned)
+        ensemble = Ensemble(decoders, split_features=tuned or stacked)
+        encoder = SharedTrunk(encoders) if tuned else EncoderStack(encoders) if stacked else first[1]
     except ValueError as e:
         raise CaptionerError(str(e)) from None
     extra = {"ensemble_of": [str(c) for c in checkpoints]}
-    save_model(path, ensemble, first[0], SharedTrunk(encoders) if tuned else first[1], extra=extra, storage=storage)
+    save_model(path, ensemble, first[0], encoder, extra=extra, storage=storage)
     return len(decoders)
 
 
@@ -235,14 +254,18 @@ class Captioner:
     def encode(self, images: Sequence[ImageSource], batch_size: int = 4, views: int = 1) -> torch.Tensor:
         """Pooled features [N, D], averaged over `views` (encoders.test_views); small encoder batches are
         fastest on CPU."""
-        pres = [self.encoder.preprocess] if views == 1 else test_views(self.encoder.preprocess, views)
+        return torch.cat([self._encode_with(enc, images, batch_size, views) for enc in parts_of(self.encoder)], -1)
+
+    def _encode_with(self, encoder: Encoder | SharedTrunk, images: Sequence[ImageSource], batch_size: int,
+                     views: int) -> torch.Tensor:
+        pres = [encoder.preprocess] if views == 1 else test_views(encoder.preprocess, views)
         feats = []
         for i in range(0, len(images), batch_size):  # each image read once, then cut into its views
             imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
             x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            f = self.encoder(x).float().view(-1, views, self.encoder.dim)
-            feats.append(average_views(f.unbind(1), self.encoder.pool, pres, self.encoder.parts))
+            f = encoder(x).float().view(-1, views, encoder.dim)
+            feats.append(average_views(f.unbind(1), encoder.pool, pres, encoder.parts))
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,

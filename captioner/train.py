@@ -36,7 +36,7 @@ from .vocab import Vocabulary
 
 
 # Keys of a recipe config (train/recipe.py) that are not options of one run; `--config` passes over them.
-RECIPE_KEYS = ("seeds", "scst", "keep", "storage")
+RECIPE_KEYS = ("seeds", "encoders", "scst", "keep", "storage")
 # Which epoch best.safetensors keeps (and early stopping watches): the best greedy dev BLEU-4, the lowest dev
 # loss, or simply the last. Greedy BLEU-4 on 1000 images moves 1-2 points between epochs: it twice picked
 # epoch 3-4 of 10, and SCST from there scored 0.5 METEOR and 3-4.5 CIDEr below SCST from the last epoch; but

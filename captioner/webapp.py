@@ -161,11 +161,12 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         import gradio as gr
     except ImportError:
         raise CaptionerError("the demo needs gradio: pip install 'captioner[demo]'") from None
+    from .encoders import parts_of
     from .inference import Captioner
 
     cap = captioner or Captioner.load(model_path)
     max_bytes = max_upload_mb * 2**20
-    draft = getattr(cap.encoder.preprocess, "size", None)
+    draft = max(getattr(e.preprocess, "size", 0) for e in parts_of(cap.encoder)) or None  # the largest input
     out_dir = Path(tempfile.mkdtemp(prefix="captioner-demo-"))  # batch CSV/JSON files
     served = itertools.count(1)
 

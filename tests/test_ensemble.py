@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.defaults import LENGTH_PENALTY
 from captioner.errors import CaptionerError
 from captioner.decoding import _step, beam_search, beam_search_reference, greedy
 from captioner.inference import Captioner, load_model, save_ensemble
@@ -209,3 +210,53 @@ def test_members_that_fine_tuned_their_encoders_top_share_its_trunk(runs, tmp_pa
     # plain and tuned members cannot mix: they would need different features
     with pytest.raises(CaptionerError, match="encoder differs"):
         save_ensemble(tmp_path / "mix.safetensors", [plain[0], ckpts[0]])
+
+
+def test_members_that_read_different_cnns_keep_them(runs, tmp_path):
+    """A Lite0 run and a Lite1 run make one file whose encoder is both CNNs (EncoderStack): each decoder reads
+    its own CNN's features, each CNN at its own input size, as when each captions alone; evaluation's cached
+    features equal the encoder's own; the int8 bundle loads; broken stack metadata is one clear error."""
+    from captioner.checkpoint import load_tensors, save_tensors
+    from captioner.encoders import EncoderStack
+    from captioner.evaluate import view_features
+    data, plain = runs
+    cfg = TrainConfig(data=str(data / "caps.csv"), out=str(tmp_path / "l1"), cache_dir=str(data / "cache"),
+                      embed_dim=16, hidden_dim=16, min_count=1, batch_size=4, epochs=2, workers=0,
+                      warmup_steps=2, seed=2, encoder="efficientnet_lite1")
+    train(cfg, progress=False)
+    ckpts = [plain[0], tmp_path / "l1" / "best.safetensors"]
+    assert save_ensemble(tmp_path / "mix.safetensors", ckpts) == 2
+    cap = Captioner.load(tmp_path / "mix.safetensors")
+    assert isinstance(cap.encoder, EncoderStack) and cap.decoder.split_features
+    assert cap.encoder.name == "efficientnet_lite0+efficientnet_lite1" and cap.encoder.dim == 2 * 1280
+    alone = [Captioner.load(c) for c in ckpts]
+    assert [a.encoder.preprocess.size for a in alone] == [224, 240]
+    images = sorted(data.glob("img*.jpg"))
+    feats = cap.encode(images)
+    torch.testing.assert_close(feats, torch.cat([a.encode(images) for a in alone], 1), rtol=1e-4, atol=1e-4)
+    six = cap.encode(images[:2], views=6)
+    torch.testing.assert_close(six, torch.cat([a.encode(images[:2], views=6) for a in alone], 1), rtol=1e-4, atol=1e-4)
+    by_hand = Ensemble([a.decoder for a in alone], split_features=True)
+    shipped = dict(length_penalty=LENGTH_PENALTY, suppress_unk=True, block_trigrams=True)
+    expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, **shipped)]
+    assert cap.caption(images, beam_size=3, rerank=0) == expect
+    assert expect != [cap.vocab.decode(hs[0].tokens)  # the second member has a say
+                      for hs in beam_search(alone[0].decoder, feats[:, :1280], cap.vocab, 3, **shipped)]
+    cached, mask, bad = view_features(cap, images, 1, str(data / "cache"), workers=0, progress=False)
+    assert mask.all() and not bad
+    torch.testing.assert_close(cached, feats, atol=2e-2, rtol=1e-2)  # float16 caches, each CNN's own
+    bundle = Path(__file__).parent.parent / "train" / "bundle.py"
+    r = subprocess.run([sys.executable, bundle, *map(str, ckpts), "--storage", "int8", "--out", tmp_path / "b8.safetensors"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ensemble of 2" in r.stdout, r.stderr
+    tensors, meta = load_tensors(tmp_path / "b8.safetensors")
+    assert meta["encoder"]["parts"] == 2 and [m["name"] for m in meta["encoder"]["stack"]] == [
+        "efficientnet_lite0", "efficientnet_lite1"] and not any(k.startswith("encoder.") for k in tensors)
+    assert all(Captioner.load(tmp_path / "b8.safetensors").caption(images[:2]))
+    # a stack and a member that fine-tuned its encoder do not mix; metadata naming an unknown CNN is refused
+    stack = meta["encoder"]["stack"]
+    for broken, says in ((dict(meta["encoder"], stack=[stack[0], dict(stack[1], name="resnet9")]), "unknown encoder"),
+                         (dict(meta["encoder"], stack=stack[:1]), "malformed")):
+        save_tensors(tmp_path / "bad.safetensors", tensors, dict(meta, encoder=broken))
+        with pytest.raises(CaptionerError, match=says):
+            load_model(tmp_path / "bad.safetensors")

@@ -1,7 +1,7 @@
 """The bundled model's whole recipe in one command: encoder features once, one cross-entropy run per seed
-side by side (one core each), SCST on each, every seed scored on dev, then the runs bundled as one file
-(an ensemble of all seeds, or with "keep": "best" the best seed alone; float16 weights, or with
-"storage": "int8" 8-bit ones at half the size) and that file scored on dev.
+side by side (one core each; "encoders" gives each seed its own CNN), SCST on each, every seed scored on dev,
+then the runs bundled as one file (an ensemble of all seeds, or with "keep": "best" the best seed alone;
+float16 weights, or with "storage": "int8" 8-bit ones at half the size) and that file scored on dev.
 
     python train/recipe.py train/flickr8k.json             # everything under the config's "out"
     python train/recipe.py train/flickr8k.json --install   # then make it the package's bundled model
@@ -21,9 +21,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
+from captioner.encoders import ENCODER_DIMS, ENCODERS
 from captioner.errors import CaptionerError
 from captioner.inference import BUNDLE_STORAGES, bundle
 from captioner.train import RECIPE_KEYS, TrainConfig
@@ -81,6 +83,15 @@ class Recipe:
             conf["cache_dir"] = cache_dir
         self.cfg = TrainConfig.from_dict({k: v for k, v in conf.items() if k not in RECIPE_KEYS})
         self.cfg.validate()
+        # "encoders": one CNN per seed; members that read different CNNs ship as one EncoderStack
+        encoders = conf.get("encoders", [self.cfg.encoder] * len(self.seeds))
+        if not isinstance(encoders, list) or len(encoders) != len(self.seeds) or any(e not in ENCODERS for e in encoders):
+            raise CaptionerError(f'"encoders" in {config} must name one of {", ".join(ENCODERS)} per seed '
+                                 f'({len(self.seeds)})')
+        if len(set(encoders)) > 1 and (self.cfg.fine_tune_blocks or len({ENCODER_DIMS[e] for e in encoders}) > 1):
+            raise CaptionerError(f'"encoders" in {config}: members that read different CNNs must not fine-tune them '
+                                 f'and need CNNs with features of one size')
+        self.encoders = dict(zip(self.seeds, encoders))
         self.out = Path(self.cfg.out)
         self.peak_mb = 0.0
         self.seconds: dict[str, float] = {}
@@ -129,10 +140,12 @@ class Recipe:
         # Once, before the parallel runs would all compute (and race to write) the same cache.
         from captioner.train import cache_features, training_encoder, training_records
         _, tr, dev = training_records(self.cfg)
-        encoder = training_encoder(self.cfg)
-        fs = cache_features(self.cfg, encoder, [r.image for r in tr + dev], progress=True)
-        self.peak_mb = max(self.peak_mb, _rss_mb([os.getpid()]))
-        del fs, encoder
+        for name in dict.fromkeys(self.encoders.values()):
+            cfg = replace(self.cfg, encoder=name)
+            encoder = training_encoder(cfg)
+            fs = cache_features(cfg, encoder, [r.image for r in tr + dev], progress=True)
+            self.peak_mb = max(self.peak_mb, _rss_mb([os.getpid()]))
+            del fs, encoder
 
     def cross_entropy(self) -> None:
         jobs = []
@@ -144,7 +157,7 @@ class Recipe:
                 jobs.append((f"xe-s{s}", ["train", "--resume", str(run), "--quiet"]))
             else:
                 jobs.append((f"xe-s{s}", ["train", "--config", str(self.config), "--out", str(run), "--seed", str(s),
-                                          "--overwrite", *self._common()]))
+                                          "--encoder", self.encoders[s], "--overwrite", *self._common()]))
         self._run(jobs)
 
     def self_critical(self) -> None:
