@@ -11,8 +11,8 @@ decoding.py keep 0 (raw log-probability, as the paper) as their own default.
 Beam 10 with its 3 best reranked by their agreement with all 10 (consensus.py) replaced plain beam 3 in
 session 20: BLEU-4 / METEOR / CIDEr 21.13 / 19.80 / 51.67 against 20.92 / 19.55 / 50.07 for the single
 model bundled then, in float32, and up on every such model tried (eval/RESULTS.md, "Consensus reranking");
-a wider beam alone scores lower (beam 10: 20.71 / 19.39 / 50.55). For the int8 pair bundled since
-session 23: 21.47 / 20.48 / 53.62 against 21.12 / 19.80 / 52.44 at plain beam 3.
+a wider beam alone scores lower (beam 10: 20.71 / 19.39 / 50.55). For the int8 pair bundled in
+sessions 23-30: 21.47 / 20.48 / 53.62 against 21.12 / 19.80 / 52.44 at plain beam 3.
 """
 BEAM_SIZE = 10
 # Upper bounds for beam size, n-best and caption length anywhere (the demo's are lower): beam search holds
@@ -23,7 +23,7 @@ MAX_LEN = 100
 RERANK = 3  # the caption is the one of the beam's RERANK best that agrees most with all its results
 LENGTH_PENALTY = 0.5
 # No caption repeats a word trigram ("a man wearing a cowboy hat and a cowboy hat"), as in
-# ImageCaptioning.pytorch's option: with the pair bundled since session 23, BLEU-4 / METEOR / CIDEr
+# ImageCaptioning.pytorch's option: with the pair bundled in sessions 23-30, BLEU-4 / METEOR / CIDEr
 # 21.73 / 20.61 / 54.38 against 21.44 / 20.52 / 54.12 on Flickr8k dev (43 of 1000 captions change; the
 # other pair +0.09 / +0.02 / +0.23, one decoder +0.11 / +0.02 / +0.20; eval/RESULTS.md, "Trigram blocking").
 BLOCK_TRIGRAMS = True

@@ -260,7 +260,7 @@ class Captioner:
                      views: int) -> torch.Tensor:
         pres = [encoder.preprocess] if views == 1 else test_views(encoder.preprocess, views)
         feats = []
-        for i in range(0, len(images), batch_size):  # each image read once, then cut into its views
+        for i in range(0, len(images), batch_size):  # each image read once (per CNN), then cut into its views
             imgs = [load_image(im, draft_size=pres[0].size) for im in images[i:i + batch_size]]
             x = torch.stack([p.to_tensor(img) for img in imgs for p in pres])
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
-from captioner.encoders import attended_regions, create_encoder  # noqa: E402
+from captioner.encoders import attended_regions, create_encoder, parts_of  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, Captioner, load_model, resolve_precision  # noqa: E402
@@ -301,16 +301,18 @@ def bench_demo(model_path: Path, image: Path, runs: int) -> dict:
     from captioner.webapp import caption_images
     cap = Captioner.load(model_path)
     data = image.read_bytes()
-    draft = cap.encoder.preprocess.size
+    parts = parts_of(cap.encoder)  # a stack's CNNs each read the image at their own size
+    draft = max(e.preprocess.size for e in parts)
 
     def demo():  # what the demo's single-image tab does with an upload: load_image(draft) + caption_images
         img = load_image(data, draft_size=draft)
         return caption_images(cap, [img], "Beam search", 3, 20, 3, rerank=0)[0]  # the series RESULTS records
-    x = cap.encoder.preprocess(data).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    xs = [e.preprocess(data).unsqueeze(0).contiguous(memory_format=torch.channels_last) for e in parts]
 
     def bare():
         with torch.inference_mode():
-            cap.encoder(x)
+            for e, x in zip(parts, xs):
+                e(x)
     t_demo, t_bare = [], []
     for _ in range(3):
         demo(), bare()

@@ -5,7 +5,7 @@ import torch
 from captioner.data import load_dataset
 from captioner.decoding import (INT8, beam_search, beam_search_reference, greedy, int8_is_available, precision_dtype,
                                 set_precision)
-from captioner.features import extract_features
+from captioner.evaluate import view_features
 from captioner.inference import Captioner
 
 
@@ -15,9 +15,10 @@ def real(tmp_path_factory):
     root = require_shared("flickr8k")
     cap = Captioner.load()
     recs = load_dataset(root, split="dev").records[:200]
-    fs = extract_features(cap.encoder, [r.image for r in recs], tmp_path_factory.mktemp("cache"), progress=False,
-                          workers=0)
-    return cap, torch.from_numpy(fs.features.astype("float32"))
+    feats, mask, _ = view_features(cap, [r.image for r in recs], 1, str(tmp_path_factory.mktemp("cache")),
+                                   workers=0, progress=False)  # each of the bundled pair's CNNs, side by side
+    assert mask.all()
+    return cap, feats
 
 
 def test_beam_size_one_equals_greedy(real):

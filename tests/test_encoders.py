@@ -82,31 +82,34 @@ def test_test_time_views_average_the_views_features(tmp_path):
     from dataclasses import replace
     from pathlib import Path
 
-    from captioner.encoders import test_views
+    from captioner.encoders import parts_of, test_views
     from captioner.evaluate import evaluate
     from captioner.inference import Captioner
     examples = sorted((Path(__file__).resolve().parents[1] / "captioner" / "assets" / "examples").glob("*.jpg"))[:2]
     cap = Captioner.load(precision="float32")
-    pre = cap.encoder.preprocess
-    views = test_views(pre, 6)
-    assert [(v.hflip, v.crop) for v in views] == [(False, ""), (True, ""), (False, "tl"), (False, "tr"),
-                                                   (False, "bl"), (False, "br")]
+    parts = parts_of(cap.encoder)  # the bundled pair reads two CNNs, each with its own views
+    pres = [e.preprocess for e in parts]
+    views = [test_views(pre, 6) for pre in pres]
+    assert [(v.hflip, v.crop) for v in views[0]] == [(False, ""), (True, ""), (False, "tl"), (False, "tr"),
+                                                      (False, "bl"), (False, "br")]
     by_hand = []
-    for v in views:
-        cap.encoder.preprocess = v
+    for i in range(6):
+        for e, vs in zip(parts, views):
+            e.preprocess = vs[i]
         by_hand.append(cap.encode(examples))
-    cap.encoder.preprocess = pre
+    for e, pre in zip(parts, pres):
+        e.preprocess = pre
     assert torch.allclose(cap.encode(examples, views=6), torch.stack(by_hand).mean(0), atol=1e-5)
     assert torch.allclose(cap.encode(examples, views=2), torch.stack(by_hand[:2]).mean(0), atol=1e-5)
     assert len(cap.caption_full(examples, views=6)) == 2
     with pytest.raises(CaptionerError, match="views"):
-        test_views(pre, 3)
+        test_views(pres[0], 3)
     # evaluate: each view through the feature cache, then averaged, and said so in the settings
     csv = tmp_path / "caps.csv"
     csv.write_text("image,caption,split\n" + "".join(f"{p},a dog runs on the grass,test\n" for p in examples))
     res = evaluate(None, csv, "test", cache_dir=tmp_path / "cache", workers=0, progress=False, views=2)
     assert res["settings"]["views"] == 2 and res["settings"]["images"] == 2
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(parts)  # each view of each CNN
 
 
 def test_fine_tuned_top_on_cached_maps_equals_the_whole_encoder():
