@@ -199,8 +199,6 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: 
     if tuned and len(kinds) > 1:
         raise CaptionerError("encoder differs between members: members that fine-tuned their encoder's top stages "
                              "combine only with members that tuned the same stages of the same CNN")
-    if len({e.pool for e in encoders}) > 1:
-        raise CaptionerError("ensemble members must pool their encoders' features the same way")
     stacked = not tuned and len(kinds) > 1  # members that read different CNNs
     try:
         ensemble = Ensemble(decoders, split_features=tuned or stacked)

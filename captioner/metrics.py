@@ -10,6 +10,7 @@ import io
 import shutil
 from typing import Sequence
 
+from .errors import CaptionerError
 from .vocab import tokenize
 
 
@@ -46,15 +47,23 @@ def coco_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     Returns (scores, per-image scores, notes); a metric whose requirement is missing (the `coco` extra,
     or Java for METEOR) is left out with a one-line note instead of failing the evaluation.
     """
+    try:
+        from pycocoevalcap.cider.cider import Cider  # noqa: F401
+        from pycocoevalcap.rouge.rouge import Rouge  # noqa: F401
+    except ImportError:
+        return {}, {}, ["METEOR, ROUGE-L and CIDEr need the coco extra: pip install \"captioner[coco]\""]
+    res, gts = _toolkit_inputs(hypotheses, references)
+    return _toolkit_scores(gts, res, per_image)
+
+
+def _toolkit_scores(gts: dict, res: dict, per_image: bool = False
+                    ) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """METEOR, ROUGE-L and CIDEr of already tokenised {id: [sentence]} dicts, with notes for what failed."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
     scores: dict[str, float] = {}
     each: dict[str, list[float]] = {}
     notes: list[str] = []
-    try:
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.rouge.rouge import Rouge
-    except ImportError:
-        return scores, each, ["METEOR, ROUGE-L and CIDEr need the coco extra: pip install \"captioner[coco]\""]
-    res, gts = _toolkit_inputs(hypotheses, references)
     scorers = [("ROUGE-L", Rouge), ("CIDEr", Cider)]
     if shutil.which("java"):
         from pycocoevalcap.meteor.meteor import Meteor
@@ -86,36 +95,31 @@ def _close_meteor(scorer) -> None:
         pass
 
 
-def coco_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """BLEU-1..4 (0-100) by the COCO toolkit's own scorer, used by the tests to check `bleu` agrees."""
+def _toolkit_bleu(gts: dict, res: dict) -> dict[str, float]:
     from pycocoevalcap.bleu.bleu import Bleu
-    res, gts = _toolkit_inputs(hypotheses, references, empty="")
     with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its ratios
         total, _ = Bleu(4).compute_score(gts, res)
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(total, 1)}
 
 
+def coco_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU-1..4 (0-100) by the COCO toolkit's own scorer, used by the tests to check `bleu` agrees."""
+    res, gts = _toolkit_inputs(hypotheses, references, empty="")
+    return _toolkit_bleu(gts, res)
+
+
 def toolkit_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (0-100) the COCO toolkit's own way, its PTB tokenizer (Java) on the
     raw captions instead of `tokenize`: what published figures were scored with, to check ours against."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": c} for c in rs] for i, rs in enumerate(references)})
     res = tok.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
-    with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its ratios
-        bleu, _ = Bleu(4).compute_score(gts, res)
-    out = {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(bleu, 1)}
-    for name, cls in (("METEOR", Meteor), ("ROUGE-L", Rouge), ("CIDEr", Cider)):
-        scorer = cls()
-        out[name] = 100.0 * float(scorer.compute_score(gts, res)[0])
-        if name == "METEOR":
-            _close_meteor(scorer)
-    return out
+    scores, _, notes = _toolkit_scores(gts, res)
+    if notes:
+        raise CaptionerError(f"the COCO toolkit's pipeline failed: {'; '.join(notes)}")
+    return {**_toolkit_bleu(gts, res), **scores}
 
 
 def all_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],

@@ -55,9 +55,9 @@ def main() -> None:
         others = [refs[i][:k] + refs[i][k + 1:n] for i in ids]
         human = [refs[i][k] for i in ids]
         for name, hyps in [("people", human)] + list(models.items()):
-            m, _, _ = all_metrics(hyps, others)
-            rows.append(_row(f"{name}, reference {k + 1} left out", m, _words(hyps)))
-            means.setdefault(name, []).append((m, _words(hyps)))
+            m, words = all_metrics(hyps, others)[0], _words(hyps)
+            rows.append(_row(f"{name}, reference {k + 1} left out", m, words))
+            means.setdefault(name, []).append((m, words))
     for name, runs in means.items():
         mean = {key: statistics.mean(m[key] for m, _ in runs) for key in METRIC_ORDER}
         rows.append(_row(f"**{name}, mean**", mean, statistics.mean(w for _, w in runs)))
@@ -71,6 +71,7 @@ def main() -> None:
     print(f"\nThe models against all {n} references, captioner's tokenisation and the COCO toolkit's pipeline\n")
     print("| captions | scored by | " + " | ".join(METRIC_ORDER) + " |\n" + "| --- " * (2 + len(METRIC_ORDER)) + "|")
     print("\n".join(table))
+
 
 if __name__ == "__main__":
     try:
