@@ -8,7 +8,8 @@ import os
 import sys
 from dataclasses import fields
 
-from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK
+from .defaults import (BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK,
+                       RERANK_FMEAN)
 
 PRECISION_HELP = ("decoder weights in the decoding step: auto = int8 on x86 CPUs (1.9-2.4x the captions/s "
                   "batched and 2.6-2.9x faster one-image captioning than float32, BLEU-4 within 0.1), else bfloat16 "
@@ -16,8 +17,12 @@ PRECISION_HELP = ("decoder weights in the decoding step: auto = int8 on x86 CPUs
 VIEWS_HELP = ("average the features of N views of each image: 1 the image, 2 and its mirror image, 6 and its four "
               "corner crops (the encoder runs N times; for models trained with --flip-augment --crop-augment, "
               "such as the bundled one; default: 1)")
-RERANK_HELP = (f"pick the caption among the beam's N best by its agreement (BLEU) with all the beam's results, "
+RERANK_HELP = (f"pick the caption among the beam's N best by its agreement (BLEU+1 and METEOR's unigram F-mean) "
+               f"with all the beam's results, "
                f"not by probability alone; 0 or 1 = off (default: {RERANK}, chosen on Flickr8k dev)")
+RERANK_FMEAN_HELP = ("the share, 0 to 1, of METEOR's unigram F-mean in that agreement, the rest BLEU+1: a larger "
+                     f"share picks captions that cover more of the words the beam's results share (default: "
+                     f"{RERANK_FMEAN:g}, chosen on Flickr8k dev)")
 BLOCK_HELP = ("no caption repeats a word trigram, as in 'a man in a cowboy hat and a cowboy hat' (beam search; "
               f"--no-block-trigrams allows it; default: {'on' if BLOCK_TRIGRAMS else 'off'}, chosen on Flickr8k dev)")
 from .errors import CaptionerError
@@ -57,6 +62,14 @@ def _finite_float_at_least(low: float | None = None):
 _finite_float, _nonneg_float = _finite_float_at_least(), _finite_float_at_least(0)
 
 
+def _share(s: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    v = _nonneg_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {s}")
+    return v
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .inference import Captioner
@@ -68,7 +81,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         try:
             c = cap.caption_full([path], beam_size=args.beam_size, max_len=args.max_len, n_best=args.n_best,
                                  length_penalty=args.length_penalty, views=args.views, rerank=args.rerank,
-                                 block_trigrams=args.block_trigrams)[0]
+                                 block_trigrams=args.block_trigrams, rerank_fmean=args.rerank_fmean)[0]
         except ImageError as e:
             failed += 1
             print(f"captioner: error: {e}", file=sys.stderr)
@@ -161,9 +174,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.split, args.beam_size, args.max_len, args.length_penalty,
                    args.out, args.images, args.cache_dir, args.limit, args.workers, progress=not args.quiet,
                    precision=args.precision, device=args.device, views=args.views, rerank=args.rerank,
-                   block_trigrams=args.block_trigrams)
+                   block_trigrams=args.block_trigrams, rerank_fmean=args.rerank_fmean)
     s = res["settings"]
-    print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, reranked {s['rerank']}, "
+    print(f"{s['images']} images, {s['split']} split, beam {s['beam_size']}, length penalty {s['length_penalty']:g}, "
+          f"reranked {s['rerank']} (F-mean share {s['rerank_fmean']:g}), "
           f"{'' if s['block_trigrams'] else 'no '}trigram blocking, "
           f"{s['precision']} decoder weights "
           f"(scores on the 0-100 scale used in papers)")
@@ -199,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rank beam results by logprob / length**alpha (0 = raw logprob, as the paper; default: "
                         f"{LENGTH_PENALTY}, chosen on Flickr8k dev)")
     c.add_argument("--rerank", type=_rerank_int, default=RERANK, help=RERANK_HELP)
+    c.add_argument("--rerank-fmean", type=_share, default=RERANK_FMEAN, metavar="W", help=RERANK_FMEAN_HELP)
     c.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS, help=BLOCK_HELP)
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -219,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-len", type=_len_int, default=20)
     e.add_argument("--length-penalty", type=_finite_float, default=LENGTH_PENALTY, help="as for caption")
     e.add_argument("--rerank", type=_rerank_int, default=RERANK, help="as for caption")
+    e.add_argument("--rerank-fmean", type=_share, default=RERANK_FMEAN, metavar="W", help="as for caption")
     e.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=BLOCK_TRIGRAMS,
                    help="as for caption")
     e.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="as for caption")

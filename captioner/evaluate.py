@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
-from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, RERANK
+from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, PRECISION, RERANK, RERANK_FMEAN
 from .encoders import average_views, parts_of, test_views
 from .errors import CaptionerError
 from .features import model_features
@@ -30,7 +30,7 @@ METRIC_ORDER = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len: int, length_penalty: float,
                     batch_size: int = 100, progress: bool = True, rerank: int = RERANK,
-                    block_trigrams: bool = BLOCK_TRIGRAMS) -> list[str]:
+                    block_trigrams: bool = BLOCK_TRIGRAMS, rerank_fmean: float = RERANK_FMEAN) -> list[str]:
     out: list[str] = []
     bar = tqdm(total=len(feats), desc=f"decoding (beam {beam_size})", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -38,7 +38,8 @@ def decode_features(cap: Captioner, feats: torch.Tensor, beam_size: int, max_len
         batch_size = max(batch_size, 5000)
     for i in range(0, len(feats), batch_size):
         caps = cap.decode(feats[i:i + batch_size].to(cap.device), beam_size=beam_size, max_len=max_len,
-                          length_penalty=length_penalty, rerank=rerank, block_trigrams=block_trigrams)
+                          length_penalty=length_penalty, rerank=rerank, block_trigrams=block_trigrams,
+                          rerank_fmean=rerank_fmean)
         out += [c.text for c in caps]
         bar.update(len(caps))
     bar.close()
@@ -66,7 +67,7 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
              max_len: int = 20, length_penalty: float = LENGTH_PENALTY, out_dir: str | Path | None = None,
              images: str | None = None, cache_dir: str | None = None, limit: int = 0, workers: int = 2,
              progress: bool = True, precision: str = PRECISION, device: str = "cpu", views: int = 1,
-             rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS) -> dict:
+             rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS, rerank_fmean: float = RERANK_FMEAN) -> dict:
     """Metrics dict (name -> 0-100 score); files are written when `out_dir` is given."""
     t0 = time.time()
     if limit < 0 or workers < 0:
@@ -81,12 +82,13 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", be
     if not kept:
         raise CaptionerError("no readable images to evaluate")
     hyps = decode_features(cap, feats, beam_size, max_len, length_penalty, progress=progress, rerank=rerank,
-                           block_trigrams=block_trigrams)
+                           block_trigrams=block_trigrams, rerank_fmean=rerank_fmean)
     refs = [r.captions for r in kept]
     scores, per_image, notes = all_metrics(hyps, refs, per_image=out_dir is not None)
     result = {"metrics": {k: round(scores[k], 2) for k in METRIC_ORDER if k in scores},
               "settings": {"model": str(model or "bundled"), "data": str(data), "split": split,
-                           "beam_size": beam_size, "rerank": rerank, "max_len": max_len, "length_penalty": length_penalty,
+                           "beam_size": beam_size, "rerank": rerank, "rerank_fmean": rerank_fmean, "max_len": max_len,
+                           "length_penalty": length_penalty,
                            "block_trigrams": block_trigrams, "device": device,
                            "views": views,
                            "precision": cap.precision, "images": len(kept), "skipped_images": bad, "scale": "0-100",

@@ -13,7 +13,8 @@ from .checkpoint import (DELTA_SCALE_SUFFIX, DELTA_SUFFIX, first_problem, load_t
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
-from .defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK
+from .defaults import (BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK,
+                       RERANK_FMEAN)
 from .encoders import (Encoder, EncoderStack, Preprocess, SharedTrunk, average_views, create_encoder, parts_of,
                        test_views)
 from .errors import CaptionerError
@@ -268,9 +269,10 @@ class Captioner:
 
     def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
                length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True, rerank: int = RERANK,
-               block_trigrams: bool = BLOCK_TRIGRAMS) -> list[Caption]:
+               block_trigrams: bool = BLOCK_TRIGRAMS, rerank_fmean: float = RERANK_FMEAN) -> list[Caption]:
         """`rerank` R > 1: the caption is the one of the beam's R best that agrees most with all its
-        `beam_size` results (consensus.py); 0 or 1 keeps the beam's own best. `block_trigrams`: beam search
+        `beam_size` results (consensus.py; `rerank_fmean`: the unigram F-mean's share of the agreement, 0 to 1,
+        the rest BLEU+1); 0 or 1 keeps the beam's own best. `block_trigrams`: beam search
         never repeats a word trigram (greedy decoding, beam 1, is left as it is)."""
         if not (1 <= beam_size <= MAX_BEAM and 1 <= n_best <= MAX_BEAM and 0 <= rerank <= MAX_BEAM):
             raise CaptionerError(f"beam size and n-best must be 1 to {MAX_BEAM}, rerank 0 to {MAX_BEAM}")
@@ -278,6 +280,8 @@ class Captioner:
             raise CaptionerError(f"max length must be 1 to {MAX_LEN} words")
         if not math.isfinite(length_penalty):
             raise CaptionerError(f"length penalty must be a finite number, got {length_penalty}")
+        if not 0.0 <= rerank_fmean <= 1.0:
+            raise CaptionerError(f"the F-mean's share of the rerank agreement must be 0 to 1, got {rerank_fmean}")
         rerank = min(rerank, beam_size)
         if beam_size == 1 and n_best == 1:
             hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, max_len,
@@ -289,21 +293,22 @@ class Captioner:
         out = []
         for hs in hyps:
             if rerank > 1:
-                hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs))][:n_best]
+                hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs), rerank_fmean)][:n_best]
             alts = [(self.vocab.decode(h.tokens), h.logprob) for h in hs]
             out.append(Caption(alts[0][0], alts[0][1], alts))
         return out
 
     def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
                      n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32,
-                     views: int = 1, rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS) -> list[Caption]:
+                     views: int = 1, rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS,
+                     rerank_fmean: float = RERANK_FMEAN) -> list[Caption]:
         """Captions with log-probabilities and n-best alternatives."""
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
             feats = self.encode(images[i:i + batch_size], views=views)
             out += self.decode(feats, beam_size, max_len, n_best, length_penalty, rerank=rerank,
-                               block_trigrams=block_trigrams)
+                               block_trigrams=block_trigrams, rerank_fmean=rerank_fmean)
         return out
 
     def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,

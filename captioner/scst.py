@@ -23,7 +23,6 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
 from .data import load_dataset
 from .decoding import beam_search
-from .defaults import LENGTH_PENALTY
 from .distributed import features_on_device
 from .errors import CaptionerError
 from .features import model_features
@@ -33,6 +32,11 @@ from .metrics import _close_meteor, bleu
 from .model import ShowAndTell
 from .train import _pad
 from .vocab import Vocabulary, tokenize
+
+# The dev check that decides whether an epoch's weights are kept: beam search with the length penalty that
+# was shipped when the recipe's runs were made (0.5), so that a later change to the shipped decoding does
+# not change which weights the recipe keeps.
+CHECK_LENGTH_PENALTY = 0.5
 
 
 class _Corpus(list):
@@ -262,7 +266,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         hyps = []
         for i in range(0, len(dev_rows), 200):
             hs = beam_search(model, feats[dev_rows[i:i + 200]].to(cfg.device), vocab, cfg.eval_beam, 20,
-                             length_penalty=LENGTH_PENALTY, suppress_unk=True)  # shipped penalty; no rerank or blocking
+                             length_penalty=CHECK_LENGTH_PENALTY, suppress_unk=True)  # no rerank or blocking
             hyps += [vocab.decode(h[0].tokens) for h in hs]
         cider_dev = float(dev_cider([" ".join(tokenize(h)) for h in hyps], dev_tok_refs).mean()) * 100
         return {**bleu(hyps, dev_refs), "CIDEr-D": cider_dev, "example": hyps[0]}

@@ -3,10 +3,11 @@ equally), on one model's beam-10 n-best lists: a METEOR-like unigram F-mean (rec
 stems, synonyms or fragmentation penalty), BLEU+1 plus W times it, and voters weighted by their
 length-normalised beam score (softmax) instead of equally. Each scored with BLEU-1..4, METEOR, ROUGE-L, CIDEr.
 
-    python eval/rerank_utility.py [--model CKPT] [--data D --split S]
+    python eval/rerank_utility.py [--model CKPT] [--data D --split S] [--length-penalty A] [--views N]
 
-Session 24 measured it on the bundled pair, the second pair and 159 COCO images (eval/RESULTS.md, "Consensus
-reranking", "The bundled pair (session 24)").
+Decoding is otherwise as shipped (beam 10, no repeated trigram). Session 24 measured it on the bundled pair,
+the second pair and 159 COCO images before trigram blocking (eval/RESULTS.md, "Consensus reranking", "The
+bundled pair (session 24)"); session 32 on the Lite0 + Lite2 pair with blocking.
 """
 from __future__ import annotations
 
@@ -15,21 +16,17 @@ from collections import Counter
 
 import numpy as np
 
-from captioner.consensus import _bleu1, _ngrams
+from captioner.consensus import _bleu1, _fmean, _ngrams
 from captioner.data import load_dataset
 from captioner.decoding import beam_search
-from captioner.defaults import BEAM_SIZE, LENGTH_PENALTY, RERANK
+from captioner.defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, RERANK
 from captioner.evaluate import METRIC_ORDER, view_features
 from captioner.inference import Captioner
 from captioner.metrics import all_metrics
 
 
 def fmean(h: list[int], r: list[int]) -> float:
-    m = sum((Counter(h) & Counter(r)).values())
-    if not m:
-        return 0.0
-    p, rc = m / len(h), m / len(r)
-    return 10 * p * rc / (rc + 9 * p)
+    return _fmean(Counter(h), len(h), Counter(r), len(r)) if h and r else 0.0
 
 
 def pick(hs, candidates: int, bleu: float, f: float, weighted: bool) -> list[int]:
@@ -54,15 +51,20 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint (default: the bundled model)")
     p.add_argument("--data", default="../shared/data/flickr8k")
     p.add_argument("--split", default="dev")
+    p.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY)
+    p.add_argument("--views", type=int, default=1, choices=(1, 2, 6))
+    p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
     args = p.parse_args()
     cap = Captioner.load(args.model)
     recs = load_dataset(args.data, split=args.split).records
-    feats, mask, _ = view_features(cap, [r.image for r in recs], 1, progress=False)
+    feats, mask, _ = view_features(cap, [r.image for r in recs], args.views, args.cache_dir, progress=False)
     refs = [r.captions for r, ok in zip(recs, mask) if ok]
     nbest = [hs for i in range(0, len(feats), 100) for hs in beam_search(
-        cap.decoder, feats[i:i + 100], cap.vocab, BEAM_SIZE, 20, LENGTH_PENALTY, BEAM_SIZE, suppress_unk=True)]
+        cap.decoder, feats[i:i + 100], cap.vocab, BEAM_SIZE, 20, args.length_penalty, BEAM_SIZE, suppress_unk=True,
+        block_trigrams=BLOCK_TRIGRAMS)]
     print(f"model {args.model or 'bundled'}, {cap.precision} decoder weights, beam {BEAM_SIZE}, its {RERANK} best "
-          f"compete, all {BEAM_SIZE} vote; {len(refs)} {args.split} images\n")
+          f"compete, all {BEAM_SIZE} vote; length penalty {args.length_penalty}, {args.views} view(s), "
+          f"trigram blocking {BLOCK_TRIGRAMS}; {len(refs)} {args.split} images\n")
     print("| agreement | " + " | ".join(METRIC_ORDER) + " | words a caption |")
     print("| --- " * (2 + len(METRIC_ORDER)) + "|")
     for name, bleu, f, weighted in VARIANTS:

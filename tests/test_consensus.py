@@ -1,11 +1,13 @@
-"""Consensus reranking: its BLEU+1 against NLTK's, its choice on constructed lists, and Captioner.decode."""
+"""Consensus reranking: its BLEU+1 and F-mean against NLTK's, its choice on constructed lists, and Captioner.decode."""
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captioner.consensus import _bleu1, _ngrams, agreement, rerank
+from captioner.consensus import _bleu1, _fmean, _ngrams, agreement, rerank
+from captioner.defaults import RERANK_FMEAN
+from captioner.errors import CaptionerError
 
 
 def test_bleu_plus_one_equals_nltk_method2():
@@ -16,6 +18,37 @@ def test_bleu_plus_one_equals_nltk_method2():
         r = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
         want = sentence_bleu([r], h, smoothing_function=smooth)
         assert _bleu1(_ngrams(h), len(h), _ngrams(r), len(r)) == pytest.approx(want, abs=1e-12)
+
+
+def test_fmean_equals_nltk_meteor_without_stems_synonyms_or_fragmentation():
+    from nltk.translate.meteor_score import single_meteor_score
+
+    class Same:  # exact matches only: no stemming, no synonyms
+        def stem(self, w):
+            return w
+
+        def synsets(self, w):
+            return []
+    rng = random.Random(1)
+    for _ in range(2000):
+        h = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+        r = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+        want = single_meteor_score([f"w{t}" for t in r], [f"w{t}" for t in h], stemmer=Same(), wordnet=Same(),
+                                   alpha=0.9, gamma=0.0)
+        got = _fmean(_ngrams(h)[0], len(h), _ngrams(r)[0], len(r))
+        assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_fmean_share_favours_the_caption_that_covers_the_shared_words():
+    # half the voters repeat the short caption's phrase, half mention two more words the longer one has
+    short, longer = [1, 2, 3], [1, 2, 9, 5, 4]
+    caps = [short, longer, [1, 2, 3], [1, 2, 3, 8], [5, 4, 1, 2, 6], [4, 5, 1, 2, 7]]
+    assert rerank(caps, 2, 6)[0] == 0  # BLEU+1: the repeated phrase wins
+    assert rerank(caps, 2, 6, fmean=1.0)[0] == 1  # F-mean (recall 9:1): the words covered win
+    bleu, f = agreement(caps, 2, 6), agreement(caps, 2, 6, fmean=1.0)
+    assert agreement(caps, 2, 6, fmean=0.25) == pytest.approx([0.75 * b + 0.25 * x for b, x in zip(bleu, f)])
+    with pytest.raises(ValueError):
+        agreement(caps, 2, 6, fmean=1.5)
 
 
 def test_rerank_picks_the_caption_the_others_support():
@@ -57,7 +90,13 @@ def test_decode_reranks_within_the_beam(photos):
             texts = [t for t, _ in p.alternatives]
             assert sorted(g.alternatives) == sorted(p.alternatives)  # the same ten, reordered
             assert g.text in texts[:r] and [t for t, _ in g.alternatives][r:] == texts[r:]
-            want = agreement([cap.vocab.encode(t)[1:-1] for t in texts], r, 10)
+            want = agreement([cap.vocab.encode(t)[1:-1] for t in texts], r, 10, RERANK_FMEAN)
+            assert want[texts.index(g.text)] == max(want)
+    for share in (0.0, 1.0):  # the shipped share and the other end: each picks its own agreement's best
+        got = cap.decode(feats, beam_size=10, n_best=10, rerank=3, rerank_fmean=share)
+        for p, g in zip(plain, got):
+            texts = [t for t, _ in p.alternatives]
+            want = agreement([cap.vocab.encode(t)[1:-1] for t in texts], 3, 10, share)
             assert want[texts.index(g.text)] == max(want)
     # one caption asked for: still the reranked one, and every beam still votes
     one = cap.decode(feats, beam_size=10, rerank=3)
@@ -65,3 +104,5 @@ def test_decode_reranks_within_the_beam(photos):
     assert [c.text for c in cap.decode(feats, beam_size=1, rerank=3)] == \
         [c.text for c in cap.decode(feats, beam_size=1, rerank=0)]  # greedy has nothing to rerank
     assert any(a.text != b.alternatives[0][0] for a, b in zip(one, plain)), "reranking changed no caption"
+    with pytest.raises(CaptionerError, match="F-mean's share"):
+        cap.decode(feats, beam_size=10, rerank=3, rerank_fmean=1.5)

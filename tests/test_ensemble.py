@@ -98,7 +98,8 @@ def test_runs_combine_into_one_checkpoint(runs, tmp_path):
     images = sorted(data.glob("img*.jpg"))
     by_hand = Ensemble([Captioner.load(c).decoder for c in ckpts])
     feats = cap.encode(images)
-    expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, suppress_unk=True)]
+    expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, suppress_unk=True,
+                                                                    length_penalty=LENGTH_PENALTY, block_trigrams=True)]
     assert cap.caption(images, beam_size=3, rerank=0) == expect
     # an ensemble is itself a member: three decoders from two files
     assert save_ensemble(tmp_path / "three.safetensors", [tmp_path / "ens.safetensors", ckpts[0]]) == 3
