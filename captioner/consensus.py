@@ -44,7 +44,8 @@ def _bleu1(h: list[Counter], h_len: int, r: list[Counter], r_len: int) -> float:
 
 
 def _fmean(h: Counter, h_len: int, r: Counter, r_len: int) -> float:
-    """METEOR's F-mean of one caption's unigrams against another's: 10PR / (R + 9P)."""
+    """METEOR's F-mean of one caption's unigrams against another's: 10PR / (R + 9P); 0 when none match
+    (so also when either is empty)."""
     m = sum((h & r).values())
     if m == 0:
         return 0.0
@@ -66,7 +67,7 @@ def agreement(captions: Sequence[Sequence[int]], candidates: int, evidence: int,
         for j in others:
             if fmean < 1.0:
                 s += (1.0 - fmean) * _bleu1(grams[i], len(captions[i]), grams[j], len(captions[j]))
-            if fmean > 0.0 and captions[i] and captions[j]:
+            if fmean > 0.0:
                 s += fmean * _fmean(grams[i][0], len(captions[i]), grams[j][0], len(captions[j]))
         out.append(s / len(others) if others else 0.0)
     return out

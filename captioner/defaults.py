@@ -25,7 +25,7 @@ MAX_LEN = 100
 RERANK = 3  # the caption is the one of the beam's RERANK best that agrees most with all its results
 # The unigram F-mean's share of that agreement, the rest BLEU+1 (consensus.py). With the length penalty at 0.7,
 # an equal share took the session-31 pair to 22.37 / 21.09 / 56.71 from 22.42 / 20.84 / 56.70, and the recipe's
-# second draw (seeds 3 + 4) to 22.30 / 21.48 / 57.77 from 22.74 / 21.35 / 58.23 (eval/RESULTS.md, session 32).
+# second draw (seeds 3 + 4) to 22.30 / 21.48 / 57.78 from 22.74 / 21.35 / 58.23 (eval/RESULTS.md, session 32).
 RERANK_FMEAN = 0.5
 LENGTH_PENALTY = 0.7
 # No caption repeats a word trigram ("a man wearing a cowboy hat and a cowboy hat"), as in

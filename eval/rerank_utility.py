@@ -1,7 +1,8 @@
-"""Other agreement measures for consensus reranking (captioner/consensus.py ships BLEU+1, voters weighted
-equally), on one model's beam-10 n-best lists: a METEOR-like unigram F-mean (recall weighted 9:1, no
-stems, synonyms or fragmentation penalty), BLEU+1 plus W times it, and voters weighted by their
-length-normalised beam score (softmax) instead of equally. Each scored with BLEU-1..4, METEOR, ROUGE-L, CIDEr.
+"""Other agreement measures for consensus reranking (captioner/consensus.py), on one model's beam-10 n-best
+lists: BLEU+1 alone, METEOR's unigram F-mean alone (recall weighted 9:1, no stems, synonyms or fragmentation
+penalty), the two mixed (W, the F-mean's share: `--rerank-fmean`; 1/2 shipped since session 32), and BLEU+1 with
+voters weighted by their length-normalised beam score (softmax) instead of equally. Each scored with BLEU-1..4,
+METEOR, ROUGE-L, CIDEr.
 
     python eval/rerank_utility.py [--model CKPT] [--data D --split S] [--length-penalty A] [--views N]
 
@@ -12,11 +13,10 @@ bundled pair (session 24)"); session 32 on the Lite0 + Lite2 pair with blocking.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 import numpy as np
 
-from captioner.consensus import _bleu1, _fmean, _ngrams
+from captioner.consensus import _bleu1, _ngrams, rerank
 from captioner.data import load_dataset
 from captioner.decoding import beam_search
 from captioner.defaults import BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, RERANK
@@ -25,25 +25,20 @@ from captioner.inference import Captioner
 from captioner.metrics import all_metrics
 
 
-def fmean(h: list[int], r: list[int]) -> float:
-    return _fmean(Counter(h), len(h), Counter(r), len(r)) if h and r else 0.0
-
-
-def pick(hs, candidates: int, bleu: float, f: float, weighted: bool) -> list[int]:
+def pick_weighted(hs, candidates: int) -> list[int]:
+    """BLEU+1 agreement with each voter weighted by its beam score (softmax), not equally."""
     toks = [h.tokens for h in hs]
     E, H = len(toks), min(candidates, len(toks))
-    w = np.exp(np.array([h.score for h in hs]) - max(h.score for h in hs)) if weighted else np.ones(E)
+    w = np.exp(np.array([h.score for h in hs]) - max(h.score for h in hs))
     grams = [_ngrams(t) for t in toks]
-    scores = []
-    for i in range(H):
-        s = sum(w[j] * (bleu * _bleu1(grams[i], len(toks[i]), grams[j], len(toks[j])) + f * fmean(toks[i], toks[j]))
-                for j in range(E) if j != i)
-        scores.append(s / (w.sum() - w[i]))
+    scores = [sum(w[j] * _bleu1(grams[i], len(toks[i]), grams[j], len(toks[j])) for j in range(E) if j != i)
+              / (w.sum() - w[i]) for i in range(H)]
     return toks[int(np.argmax(scores))]  # a tie keeps the beam's order
 
 
-VARIANTS = [("BLEU+1 (shipped)", 1.0, 0.0, False), ("F-mean", 0.0, 1.0, False), ("BLEU+1 + F-mean", 1.0, 1.0, False),
-            ("BLEU+1 + 2 F-mean", 1.0, 2.0, False), ("BLEU+1, voters weighted by score", 1.0, 0.0, True)]
+# name, the F-mean's share W (None: BLEU+1 with weighted voters)
+VARIANTS = [("BLEU+1 (W = 0)", 0.0), ("F-mean (W = 1)", 1.0), ("BLEU+1 + F-mean (W = 1/2, shipped)", 0.5),
+            ("BLEU+1 + 2 F-mean (W = 2/3)", 2 / 3), ("BLEU+1, voters weighted by score", None)]
 
 
 def main() -> None:
@@ -67,8 +62,9 @@ def main() -> None:
           f"trigram blocking {BLOCK_TRIGRAMS}; {len(refs)} {args.split} images\n")
     print("| agreement | " + " | ".join(METRIC_ORDER) + " | words a caption |")
     print("| --- " * (2 + len(METRIC_ORDER)) + "|")
-    for name, bleu, f, weighted in VARIANTS:
-        picks = [cap.vocab.decode(pick(hs, RERANK, bleu, f, weighted)) for hs in nbest]
+    for name, share in VARIANTS:
+        picks = [cap.vocab.decode(pick_weighted(hs, RERANK) if share is None else
+                                  hs[rerank([h.tokens for h in hs], RERANK, len(hs), share)[0]].tokens) for hs in nbest]
         m, _, _ = all_metrics(picks, refs)
         print(f"| {name} | " + " | ".join(f"{m[x]:.2f}" for x in METRIC_ORDER if x in m)
               + f" | {np.mean([len(c.split()) for c in picks]):.2f} |", flush=True)
