@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "split is decoded for real and scored with BLEU-4, the best model is kept as RUN_DIR/best.safetensors. "
         "Ctrl-C saves the exact position (mid-epoch) and --resume continues from it with no batch repeated "
         "or skipped."), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", help="dataset: COCO captions_*.json, Karpathy dataset_*.json, Flickr folder, .csv or .jsonl")
+    t.add_argument("--data", action="append", help="dataset: COCO captions_*.json, Karpathy dataset_*.json, Flickr "
+                   "folder, .csv or .jsonl; repeat it to train on several at once")
+    t.add_argument("--source-weights", type=_nonneg_float, nargs="+", metavar="W",
+                   help="with several --data: each source's share of an epoch's captions (e.g. 1 1: balanced); "
+                        "default: in proportion to their sizes")
     t.add_argument("--out", default=d.out, help="run folder for checkpoints, logs and plots")
     t.add_argument("--images", help="images folder, where the annotations do not say")
     t.add_argument("--dev-data", help="separate dataset for the dev split (default: the dev split of --data, "

@@ -11,7 +11,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .errors import CaptionerError
 
@@ -36,6 +36,7 @@ class Record:
     image_id: str | int
     captions: list[str]
     split: str = "train"
+    source: int = 0  # which of several --data sources it came from (load_sources)
 
 
 @dataclass
@@ -130,7 +131,8 @@ def read_coco(annotations: str | Path, images: str | Path | None = None) -> Data
     except (AssertionError, KeyError, TypeError) as e:
         raise CaptionerError(f"{annotations} is not a COCO caption annotation file ({e})") from None
     stem = annotations.stem.lower()
-    split = "train" if "train" in stem else "test" if "test" in stem else "dev"
+    # the official files name their split (captions_val2017.json); a file that names none is training data
+    split = "test" if "test" in stem else "dev" if "val" in stem else "train"
     img_ids = sorted(coco.imgs)
     names = [coco.imgs[i]["file_name"] for i in img_ids]
     split_dir = stem.replace("captions_", "")  # e.g. val2017, as in the official layout
@@ -282,3 +284,28 @@ def load_dataset(path: str | Path, split: str | None = None, images: str | Path 
         hint = f" ({len(ds.missing_images)} annotated images were missing; pass --images DIR)" if ds.missing_images else ""
         raise CaptionerError(f"no usable images in {path}{hint}")
     return ds
+
+
+def load_sources(paths: str | Path | Sequence[str | Path], split: str | None = None,
+                 images: str | Path | None = None) -> Dataset:
+    """Several datasets read as one (e.g. Flickr8k and COCO), each record tagged with its source's index,
+    so that training can weigh the sources (train.py, source_weights)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise CaptionerError("no --data given")
+    if len(paths) == 1:
+        return load_dataset(paths[0], split, images)
+    parts = []
+    for i, p in enumerate(paths):
+        ds = load_dataset(p, None, images)
+        for r in ds.records:
+            r.source = i
+        parts.append(ds)
+    records = [r for ds in parts for r in ds.records]
+    if split is not None:
+        want = normalize_split(split)
+        records = [r for r in records if r.split == want]
+        if not records:
+            raise CaptionerError(f"no source in {', '.join(map(str, paths))} has images in split {want!r}")
+    return Dataset("+".join(ds.kind for ds in parts), Path(paths[0]), records,
+                   [m for ds in parts for m in ds.missing_images])

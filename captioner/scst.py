@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
-from .data import load_dataset
+from .data import load_sources
 from .decoding import beam_search
 from .distributed import features_on_device
 from .errors import CaptionerError
@@ -99,7 +99,7 @@ class MeteorReward:
 @dataclass
 class ScstConfig:
     init: str = ""  # cross-entropy checkpoint to start from
-    data: str = ""
+    data: list[str] | str = ""  # one dataset or several (data.load_sources)
     out: str = "runs/scst"
     images: str | None = None
     epochs: int = 5
@@ -231,7 +231,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         raise CaptionerError(f"{cfg.init} is an ensemble; run SCST on each member's checkpoint, then combine "
                              f"them (train/bundle.py CKPT CKPT ...)")
     out = check_out_dir(cfg.out)
-    ds = load_dataset(cfg.data, images=cfg.images)
+    ds = load_sources(cfg.data, images=cfg.images)
     train_recs = [r for r in ds.records if r.split == "train"]
     dev_recs = [r for r in ds.records if r.split == "dev"]
     if not train_recs or not dev_recs:

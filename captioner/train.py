@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prefixed,
                          prepare_out_dir, remove_stale_temp_files, save_tensors)
-from .data import Dataset, Record, load_dataset
+from .data import Dataset, Record, load_dataset, load_sources
 from .decoding import greedy, beam_search
 from .defaults import MAX_BEAM
 from .distributed import autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
@@ -46,7 +46,8 @@ SELECT = ("bleu", "loss", "last")
 
 @dataclass
 class TrainConfig:
-    data: str = ""
+    data: list[str] | str = ""  # one dataset, or several read as one (data.load_sources)
+    source_weights: list[float] | None = None  # each source's share of an epoch's captions; None: by size
     out: str = "runs/default"
     images: str | None = None
     dev_data: str | None = None
@@ -104,7 +105,21 @@ class TrainConfig:
     def validate(self) -> None:
         names = {type(None): "a string or null", bool: "true or false", float: "a number", int: "a whole number",
                  str: "a string"}
+        if isinstance(self.data, list) and len(self.data) == 1:
+            self.data = self.data[0]
+        sources = self.data if isinstance(self.data, list) else [self.data]
+        if not all(isinstance(x, str) and x for x in sources):
+            raise CaptionerError(f"option data must be a dataset path or a list of them, got {self.data!r}")
+        if self.source_weights is not None:
+            w = self.source_weights
+            if not (isinstance(w, list) and len(w) == len(sources) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in w)
+                    and sum(w) > 0):
+                raise CaptionerError(f"source weights must be {len(sources)} number(s) >= 0, one per --data, "
+                                     f"not all 0; got {w!r}")
         for f in fields(self):  # a config.json can hold anything: types first, so the checks below can compare
+            if f.name in ("data", "source_weights"):
+                continue
             v, d = getattr(self, f.name), f.default
             ok = ((v is None or isinstance(v, str)) if d is None else isinstance(v, bool) if isinstance(d, bool)
                   else isinstance(v, type(d)) and not isinstance(v, bool) if not isinstance(d, float)
@@ -179,6 +194,27 @@ def _holdout(records: list[Record], seed: int, frac: float = 0.05) -> tuple[list
     n_dev = max(1, int(len(records) * frac))
     dev = {int(i) for i in order[:n_dev]}
     return [r for i, r in enumerate(records) if i not in dev], [r for i, r in enumerate(records) if i in dev]
+
+
+def epoch_order(sources: list[int], weights: list[float] | None, g: torch.Generator) -> list[int]:
+    """One epoch's caption indices: a shuffle of all of them, or with per-source weights that many captions
+    of each source (a smaller source's captions repeated, a larger one's cut), shuffled together; an epoch
+    keeps its length either way."""
+    n = len(sources)
+    if not weights:
+        return torch.randperm(n, generator=g).tolist()
+    by_source: dict[int, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_source.setdefault(s, []).append(i)
+    total = sum(weights[s] for s in by_source)
+    wants = {s: round(n * weights[s] / total) for s in sorted(by_source)}
+    wants[max(wants)] += n - sum(wants.values())  # rounding: the epoch keeps exactly n captions
+    picked: list[int] = []
+    for s, idx in sorted(by_source.items()):
+        want = max(0, wants[s])
+        reps = [idx[j] for _ in range(-(-want // len(idx))) for j in torch.randperm(len(idx), generator=g).tolist()]
+        picked += reps[:want]
+    return [picked[j] for j in torch.randperm(len(picked), generator=g).tolist()]
 
 
 def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,10 +294,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def training_records(cfg: TrainConfig, log=print) -> tuple[Dataset, list[Record], list[Record]]:
     """The dataset, its training records and the dev records that select checkpoints."""
-    full = load_dataset(cfg.data, images=cfg.images)
+    full = load_sources(cfg.data, images=cfg.images)
     train_recs = [r for r in full.records if r.split == "train"]
     if cfg.dev_data:
-        dev_ds = load_dataset(cfg.dev_data, images=cfg.images)
+        dev_ds = load_sources(cfg.dev_data, images=cfg.images)
         dev_recs = [r for r in dev_ds.records if r.split == "dev"] or dev_ds.records
     else:
         dev_recs = [r for r in full.records if r.split == "dev"]
@@ -362,6 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     out_items.append((row, ids[: cfg.max_len + 1] + ([vocab.end_id] if len(ids) > cfg.max_len + 1 else [])))
         return out_items
     train_items = items(train_rows, train_recs, 0)
+    item_sources = [train_recs[row].source for row, _ in train_items]
     # --concept-weight: each training image's bag of words (every caption's, specials aside), as column ids
     bags = {row: sorted({i - NO_CONCEPT for c in train_recs[row].captions for i in vocab.encode(c) if i >= NO_CONCEPT})
             for row in train_rows} if cfg.concept_weight else {}
@@ -488,7 +525,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         while st["epoch"] < cfg.epochs:
             epoch = st["epoch"]
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            order = torch.randperm(len(train_items), generator=g).tolist()
+            order = epoch_order(item_sources, cfg.source_weights, g)
             views = torch.randint(0, len(others) + 1, (len(train_items),), generator=g).tolist() if others else None
             bar = tqdm(total=steps_per_epoch, initial=st["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", disable=not progress, dynamic_ncols=True)

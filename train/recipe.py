@@ -96,6 +96,10 @@ class Recipe:
         self.peak_mb = 0.0
         self.seconds: dict[str, float] = {}
 
+    def _data_flags(self) -> list[str]:
+        data = self.cfg.data if isinstance(self.cfg.data, list) else [self.cfg.data]
+        return [a for d in data for a in ("--data", str(d))]
+
     def _common(self) -> list[str]:
         c = self.cfg
         flags = [("--cache-dir", c.cache_dir), ("--images", c.images), ("--device", c.device)]
@@ -167,8 +171,8 @@ class Recipe:
             if (run / "finished").is_file():
                 print(f"  scst-s{s}: finished earlier, kept", flush=True)
                 continue
-            args = ["train", "--scst", "--init", str(self.out / f"xe-s{s}" / "best.safetensors"), "--data",
-                    str(self.cfg.data), "--out", str(run), "--seed", str(s), *self._common()]
+            args = ["train", "--scst", "--init", str(self.out / f"xe-s{s}" / "best.safetensors"), *self._data_flags(),
+                    "--out", str(run), "--seed", str(s), *self._common()]
             for key, flag in SCST_FLAGS.items():
                 if key in self.scst:
                     args += [flag, str(self.scst[key])]
@@ -182,22 +186,38 @@ class Recipe:
         ("keep": "ensemble"), or the best one alone ("keep": "best", for decoders too big to ship twice)."""
         from captioner.evaluate import evaluate
 
+        from captioner.data import load_dataset
+        sources = self.cfg.data if isinstance(self.cfg.data, list) else [self.cfg.data]
+        dev_sources = []  # each source with a dev split is scored on its own
+        for d in sources:
+            try:
+                load_dataset(d, split="dev", images=self.cfg.images)
+                dev_sources.append(d)
+            except CaptionerError:
+                pass
+
         def score(ckpt: Path, name: str) -> dict:
-            return evaluate(ckpt, self.cfg.data, split="dev", out_dir=self.out / name, images=self.cfg.images,
-                            cache_dir=self.cfg.cache_dir, workers=self.cfg.workers, progress=False)
+            res = {}
+            for i, d in enumerate(dev_sources):
+                r = evaluate(ckpt, d, split="dev", out_dir=self.out / (name + (f"-{i}" if i else "")),
+                             images=self.cfg.images, cache_dir=self.cfg.cache_dir, workers=self.cfg.workers,
+                             progress=False)
+                res = {**r, "metrics": r["metrics"] if not res else res["metrics"],
+                       "by_source": {**res.get("by_source", {}), d: r["metrics"]}}
+            return res
 
         stage = "scst" if self.scst else "xe"
         runs = {s: self.out / f"{stage}-s{s}" / "best.safetensors" for s in self.seeds}
-        per_seed = {s: score(ckpt, f"eval-dev-s{s}")["metrics"] for s, ckpt in runs.items()}
+        per_seed = {s: score(ckpt, f"eval-dev-s{s}")["by_source"] for s, ckpt in runs.items()}
         if self.keep == "best":
-            kept = [max(self.seeds, key=lambda s: per_seed[s]["BLEU-4"])]
+            kept = [max(self.seeds, key=lambda s: per_seed[s][dev_sources[0]]["BLEU-4"])]
         else:
             kept = self.seeds
         what = bundle(self.out / "model.safetensors", [runs[s] for s in kept], storage=self.storage)
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
         res = score(self.out / "model.safetensors", "eval-dev")
         decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "length_penalty", "precision")}
-        return {"metrics": res["metrics"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
+        return {"metrics": res["by_source"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
                 "decoding": decoding}
 
     def run(self, install: bool) -> None:
