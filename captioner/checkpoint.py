@@ -46,6 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +66,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def check_out_dir(path: str | Path) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Decoder, Ensemble, ShowAndTell, lstm_update
-from .vocab import Vocabulary
+from .vocab import FUNCTION_WORDS, Vocabulary
 
 
 @dataclass
@@ -81,8 +81,8 @@ def _decode_dtype(model: ShowAndTell) -> torch.dtype:
 
 
 def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
-    """(input table, hidden-to-gates weight, output weight, fed-back context's weight or an empty one,
-    output bias or None when int8's packed output weight holds it) in the model's decoding precision.
+    """(input table, hidden-to-gates weight, output weight, output bias or None when int8's packed output
+    weight holds it) in the model's decoding precision.
 
     The input table is every word's embedding already multiplied by the first layer's input weights
     (biases folded in): a step then multiplies only the hidden state, so the first layer's matrix work
@@ -96,22 +96,18 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
     cached = model.__dict__.get("_step_weights")
     if cached is None or cached[0] != key:
         with torch.inference_mode():
-            E = emb.shape[1]
-            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0[:, :E].t())
+            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, emb, lstm.weight_ih_l0.t())
             w_out, b_out = model.output_layer()
-            weights = (table, lstm.weight_hh_l0, w_out, lstm.weight_ih_l0[:, E:])
             if dtype == INT8:  # the output bias rides in the packed output weight
-                w_feed = _int8_pack(weights[3]) if weights[3].shape[1] else None
-                cached = (key, (table, _int8_pack(weights[1]), _int8_pack(w_out, b_out), w_feed, None))
+                cached = (key, (table, _int8_pack(lstm.weight_hh_l0), _int8_pack(w_out, b_out), None))
             else:
-                cached = (key, (*(w.to(dtype) for w in weights), b_out))
+                cached = (key, (*(w.to(dtype) for w in (table, lstm.weight_hh_l0, w_out)), b_out))
         model.__dict__["_step_weights"] = cached
     return cached[1]
 
 
-# From about this much work (rows x hidden units) on, nn.LSTM's oneDNN kernel beats the table path on CPU
-# in float32 (eval/step_cost.py, one thread: 512 units, 2026-11-26, about equal at 300 rows, 71 vs 93 ms at 3000;
-# 1024 units 24.9 vs 28.5 ms at 300 rows), so large float32 batches go through it.
+# From about this much work (rows x hidden units) on, nn.LSTM's oneDNN kernel beats the table path on CPU in
+# float32, so large float32 batches go through it (eval/RESULTS.md, "Speed").
 LARGE_WORK = 300 * 512
 
 
@@ -128,15 +124,13 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     full = dtype == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
         return model.step(tokens, state)
-    table, w_hh, w_out, w_feed, b_out = _step_weights(model)
+    table, w_hh, w_out, b_out = _step_weights(model)
     if dtype == INT8:
-        return _int8_step(model, tokens, state, table, w_hh, w_out, w_feed)
+        return _int8_step(model, tokens, state, table, w_hh, w_out)
     if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:
         gates = table[tokens].to(h.dtype) + torch.mm(h[0].to(w_hh.dtype), w_hh.t()).to(h.dtype)
-    if model.feed_dim:
-        gates += torch.mm(model.context(h[-1], state[2]).to(w_feed.dtype), w_feed.t()).to(h.dtype)
     hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
     x = hs[-1]
     if model.cfg.regions:
@@ -148,13 +142,11 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     return torch.log_softmax(logits, dim=-1), (hs, cs, *state[2:])
 
 
-def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Tensor, w_hh, w_out, w_feed):
-    """`_step` with the first layer's hidden-to-gates, fed-back context and output products in int8;
-    upper layers, attention and the state stay float32."""
+def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Tensor, w_hh, w_out):
+    """`_step` with the first layer's hidden-to-gates and output products in int8; upper layers, attention
+    and the state stay float32."""
     h, c = state[:2]
     gates = table[tokens] + _int8_mm(h[0], w_hh)
-    if w_feed is not None:
-        gates += _int8_mm(model.context(h[-1], state[2]), w_feed)
     hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
     x = hs[-1]
     if model.cfg.regions:
@@ -183,10 +175,23 @@ def _block_trigrams(logp: torch.Tensor, prefix: torch.Tensor, pad_id: int) -> No
     logp.scatter_(1, torch.where(seen, prefix[:, 2:], pad_id), -float("inf"))
 
 
+def _block_repeats(logp: torch.Tensor, prefix: torch.Tensor, vocab: Vocabulary) -> None:
+    """No content word that its caption has said already. prefix [N, t]: each row's words so far."""
+    if prefix.shape[1] == 0:
+        return
+    content = vocab.__dict__.get("_content")
+    if content is None or content.device != logp.device:
+        content = torch.tensor([i >= len(vocab.SPECIALS) and w not in FUNCTION_WORDS for i, w in enumerate(vocab.itos)],
+                               device=logp.device)
+        vocab.__dict__["_content"] = content
+    seen = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, prefix, True)
+    logp.masked_fill_(seen & content, -float("inf"))
+
+
 @torch.inference_mode()
 def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
-           suppress_unk: bool = False) -> list[Hypothesis]:
-    """Most likely word at each step, for a batch of image features [B, D]."""
+           suppress_unk: bool = False, block_repeats: bool = False) -> list[Hypothesis]:
+    """Most likely word at each step, for a batch of image features [B, D]; `block_repeats` as beam_search."""
     B = features.shape[0]
     state = model.init_state(features)
     tokens = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)
@@ -197,6 +202,8 @@ def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: i
     for t in range(max_len):
         logp, state = _step(model, tokens, state)
         logp = _mask(logp.double(), t, vocab, suppress_unk)
+        if block_repeats:
+            _block_repeats(logp, out[live, :t].to(logp.device), vocab)
         best, tokens = logp.max(-1)
         logprob[live] += best.cpu()
         out[live, t] = tokens.cpu()
@@ -221,12 +228,15 @@ def _normalise(logprob: torch.Tensor, lengths: torch.Tensor, alpha: float) -> to
 @torch.inference_mode()
 def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
-                suppress_unk: bool = False, block_trigrams: bool = False) -> list[list[Hypothesis]]:
+                suppress_unk: bool = False, block_trigrams: bool = False,
+                block_repeats: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search: all B images x K beams advance as one batch of B*K sequences.
 
     `length_penalty` alpha ranks finished captions by logprob / length**alpha (0 = raw logprob, as the
     paper). `block_trigrams`: no caption repeats a word trigram (beams that would are cut off at once, which
-    frees their places for others). Returns, per image, the `n_best` hypotheses, best first.
+    frees their places for others); `block_repeats`: no caption says a content word twice ("a man riding a
+    bicycle on a bicycle"; vocab.FUNCTION_WORDS may repeat). Returns, per image, the `n_best` hypotheses,
+    best first.
     """
     B, K, V = features.shape[0], beam_size, len(vocab)
     dev = features.device
@@ -250,6 +260,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
         logp = _mask(logp, t, vocab, suppress_unk)
         if block_trigrams:
             _block_trigrams(logp, seqs[live, :, :t].reshape(L * K, t), vocab.pad_id)
+        if block_repeats:
+            _block_repeats(logp, seqs[live, :, :t].reshape(L * K, t), vocab)
         best, words = logp.topk(W, dim=-1)
         done_l = finished[live]
         best = torch.where(done_l.unsqueeze(-1), frozen, best.double().view(L, K, W))
@@ -291,7 +303,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
 @torch.inference_mode()
 def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                           max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
-                          suppress_unk: bool = False, block_trigrams: bool = False) -> list[list[Hypothesis]]:
+                          suppress_unk: bool = False, block_trigrams: bool = False,
+                          block_repeats: bool = False) -> list[list[Hypothesis]]:
     """Textbook beam search, one image and one beam at a time (slow; the tests' reference)."""
     results = []
     for b in range(features.shape[0]):
@@ -309,6 +322,10 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
                     for i in range(len(toks) - 2):
                         if toks[i:i + 2] == toks[-2:]:
                             logp[toks[i + 2]] = -float("inf")
+                if block_repeats:
+                    for w in toks:
+                        if vocab.itos[w] not in FUNCTION_WORDS and w >= len(vocab.SPECIALS):
+                            logp[w] = -float("inf")
                 top, ids = logp.topk(beam_size)
                 for lp, w in zip(top.tolist(), ids.tolist()):
                     if lp == -float("inf"):

@@ -154,20 +154,15 @@ def setup(device: str = "cpu") -> DistContext:
 
 
 def ddp_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             label_smoothing: float, global_tokens: int, world: int, weight: float = 1.0,
-             sample_prob: float = 0.0, bags: torch.Tensor | None = None, concept_weight: float = 0.0) -> torch.Tensor:
+             global_tokens: int, world: int, weight: float = 1.0, sample_prob: float = 0.0) -> torch.Tensor:
     """This rank's share of the global batch's mean token loss, scaled so DDP's gradient average is exact.
 
     `model` is the DDP-wrapped decoder (its forward gives logits and targets); `weight` 0 marks a
-    placeholder shard on a rank that got no captions of this (last, short) batch. The concepts' loss
-    (`bags`) is this shard's mean, which DDP's average makes the mean of the ranks' means.
+    placeholder shard on a rank that got no captions of this (last, short) batch.
     """
     logits, targets = model(features, captions, lengths, sample_prob)
-    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
-    loss = loss * (weight * world / global_tokens)
-    if bags is not None and concept_weight:
-        loss = loss + weight * concept_weight * getattr(model, "module", model).concept_loss(features, bags)
-    return loss
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    return loss * (weight * world / global_tokens)
 
 
 def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
@@ -181,8 +176,8 @@ def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
 
 def autocast(device: str, enabled: bool) -> tuple[contextlib.AbstractContextManager, Any]:
     """Mixed precision for the forward pass and loss: bf16 where the device supports it, else fp16 with
-    a gradient scaler (CUDA only). Disabled, or on a CPU that only emulates bfloat16 (a training step about 20x
-    slower than float32 there, eval/amp_cost.py): a null context and no scaler."""
+    a gradient scaler (CUDA only). Disabled, or on a CPU that only emulates bfloat16 (far slower than float32
+    there: `python eval/bench.py train-step`): a null context and no scaler."""
     if not enabled:
         return contextlib.nullcontext(), None
     kind = torch.device(device).type
@@ -206,8 +201,7 @@ def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
 def features_on_device(feats: torch.Tensor, device: str, log=print) -> torch.Tensor:
     """The whole feature table on the GPU when it takes under half the free memory; elsewhere unchanged.
 
-    Copying each batch from the host left an H100 idle most of a COCO step: 16.2 ms a step against
-    10.1 ms with the table on the device (eval/RESULTS.md, "COCO on a GPU").
+    Copying each batch from the host leaves a GPU idle most of a COCO step (eval/RESULTS.md, "COCO on a GPU").
     """
     if not device.startswith("cuda"):
         return feats

@@ -83,10 +83,8 @@ def test_views(pre: Preprocess, n: int) -> list[Preprocess]:
 VIEWS = (1, 2, 6)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # How the last feature map becomes the decoder's input: "avg" is global average pooling (Show and Tell);
-# "grid" adds the 2x2 quadrants' averages after it, so the vector says where things are (5x the size);
-# "regions" adds a 3x3 map of region averages after it, which the decoder attends over (model.py);
-# "regions7" a 7x7 one (Lite0's whole map at 224 pixels, as Show, Attend and Tell attends over conv cells).
-GRIDS = {"avg": 0, "grid": 2, "regions": 3, "regions7": 7}
+# "regions" adds a 3x3 map of region averages after it, which the decoder attends over (model.py).
+GRIDS = {"avg": 0, "regions": 3}
 POOLS = {pool: 1 + g * g for pool, g in GRIDS.items()}
 
 
@@ -143,7 +141,7 @@ class Encoder(nn.Module):
 
     def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
         pooled = fmap.mean((2, 3))
-        if GRIDS[self.pool]:  # [global | row-major cells]: grid's 2x2 quadrants, or the regions' grid
+        if GRIDS[self.pool]:  # [global | row-major cells of the regions' grid]
             cells = F.adaptive_avg_pool2d(fmap, GRIDS[self.pool]).flatten(2).transpose(1, 2).flatten(1)
             return torch.cat([pooled, cells], 1)
         return pooled

@@ -27,8 +27,8 @@ from .errors import CaptionerError
 from .images import ImageError
 
 CACHE_VERSION = 1
-# Progress goes to disk at most this often: a flush and an fsynced index after every batch of 4 images cost
-# ~16 ms, more than the encoder itself on a GPU and a third of it on a 2-core CPU (eval/BENCH.md).
+# Progress goes to disk at most this often: a flush and an fsynced index after every small batch cost more
+# than the encoder itself on a GPU (eval/RESULTS.md, "Speed").
 SAVE_SECONDS = 2.0
 
 
@@ -149,7 +149,7 @@ def extract_features(encoder: Encoder, paths: Sequence[Path], cache_dir: str | P
     _reserve(npy, cache_dir)
     encoder = encoder.to(device).eval()
     if device == "cpu":  # leave two cores to the encoder's threads: on a 2-core CPU, decoding workers fighting
-        workers = min(workers, max(0, (os.cpu_count() or 1) - 2))  # them were far slower than inline (eval/BENCH.md)
+        workers = min(workers, max(0, (os.cpu_count() or 1) - 2))  # them were far slower than inline
     data = ImageFiles([Path(p) for p in paths], preprocess, offset=state["done"])
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
                         persistent_workers=False, pin_memory=device != "cpu")
@@ -215,7 +215,7 @@ class FeatureRows:
     """The rows of several cached feature files (one per view, view k's rows after view k-1's), read on
     demand with pread. Training on the CPU indexes this instead of a table in its own memory: the files stay
     in the OS page cache, shared by the runs the recipe trains side by side, and a run's peak memory does
-    not grow with the features (six views of 3x3 regions are 1.07 GB; eval/RESULTS.md, Speed row 5)."""
+    not grow with the features."""
 
     def __init__(self, sets: Sequence[FeatureSet]):
         self.files, self.n, self.dim = [], len(sets[0].paths), sets[0].features.shape[1]

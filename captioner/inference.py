@@ -1,8 +1,7 @@
 """`Captioner`: load a checkpoint once, caption paths or PIL images in batches."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -13,8 +12,7 @@ from .checkpoint import (DELTA_SCALE_SUFFIX, DELTA_SUFFIX, first_problem, load_t
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
-from .defaults import (BEAM_SIZE, BLOCK_TRIGRAMS, LENGTH_PENALTY, MAX_BEAM, MAX_LEN, PRECISION, PRECISIONS, RERANK,
-                       RERANK_FMEAN)
+from .config import MAX_BEAM, PRECISIONS, STORAGES, Decoding
 from .encoders import (Encoder, EncoderStack, Preprocess, SharedTrunk, average_views, create_encoder, parts_of,
                        test_views)
 from .errors import CaptionerError
@@ -22,8 +20,8 @@ from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0.safetensors"
-BUNDLE_STORAGES = ("float16", "int8")  # what a file to ship may use (checkpoint.STORAGES less float32)
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "captioner-flickr8k.safetensors"
+BUNDLE_STORAGES = STORAGES  # what a file to ship may use (checkpoint.STORAGES less float32)
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
@@ -206,8 +204,7 @@ def save_ensemble(path: str | Path, checkpoints: Sequence[str | Path], storage: 
         encoder = SharedTrunk(encoders) if tuned else EncoderStack(encoders) if stacked else first[1]
     except ValueError as e:
         raise CaptionerError(str(e)) from None
-    extra = {"ensemble_of": [str(c) for c in checkpoints]}
-    save_model(path, ensemble, first[0], encoder, extra=extra, storage=storage)
+    save_model(path, ensemble, first[0], encoder, storage=storage)
     return len(decoders)
 
 
@@ -219,29 +216,26 @@ def bundle(path: str | Path, checkpoints: Sequence[str | Path], storage: str = "
     if not checkpoints:
         raise CaptionerError("no checkpoints to bundle")
     decoder, vocab, encoder, meta = load_model(checkpoints[0])
-    extra = {k: v for k, v in meta.items() if k not in ("decoder", "vocab", "encoder")}
-    extra["bundled_from"] = str(checkpoints[0])
-    save_model(path, decoder, vocab, encoder, extra=extra,
-               storage=storage)
+    save_model(path, decoder, vocab, encoder, storage=storage)  # no run folders' paths in a file to ship
     return "one model"
 
 
 class Captioner:
     """A trained captioning model ready for inference.
 
-    >>> cap = Captioner.load()          # the bundled Flickr8k model
+    >>> cap = Captioner.load()          # the bundled model (`captioner info` prints its card)
     >>> cap.caption(["dog.jpg"])        # ['a brown dog is running through the grass']
     """
 
     def __init__(self, decoder: Decoder, vocab: Vocabulary, encoder: Encoder, meta: dict | None = None,
-                 device: str = "cpu", precision: str = PRECISION):
+                 device: str = "cpu", precision: str = "auto"):
         self.decoder, self.vocab, self.encoder = decoder.to(device).eval(), vocab, encoder.to(device).eval()
         self.meta, self.device = meta or {}, device
         self.precision = precision = resolve_precision(precision, device)
         set_precision(self.decoder, precision_dtype(precision))
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = PRECISION) -> "Captioner":
+    def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = "auto") -> "Captioner":
         """From a checkpoint file (or run folder); the bundled model when `path` is None."""
         if path is None:
             if not BUNDLED_MODEL.is_file():
@@ -267,54 +261,52 @@ class Captioner:
             feats.append(average_views(f.unbind(1), encoder.pool, pres, encoder.parts))
         return torch.cat(feats)
 
-    def decode(self, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_len: int = 20, n_best: int = 1,
-               length_penalty: float = LENGTH_PENALTY, suppress_unk: bool = True, rerank: int = RERANK,
-               block_trigrams: bool = BLOCK_TRIGRAMS, rerank_fmean: float = RERANK_FMEAN) -> list[Caption]:
-        """`rerank` R > 1: the caption is the one of the beam's R best that agrees most with all its
-        `beam_size` results (consensus.py; `rerank_fmean`: the unigram F-mean's share of the agreement, 0 to 1,
-        the rest BLEU+1); 0 or 1 keeps the beam's own best. `block_trigrams`: beam search
-        never repeats a word trigram (greedy decoding, beam 1, is left as it is)."""
-        if not (1 <= beam_size <= MAX_BEAM and 1 <= n_best <= MAX_BEAM and 0 <= rerank <= MAX_BEAM):
-            raise CaptionerError(f"beam size and n-best must be 1 to {MAX_BEAM}, rerank 0 to {MAX_BEAM}")
-        if not 1 <= max_len <= MAX_LEN:
-            raise CaptionerError(f"max length must be 1 to {MAX_LEN} words")
-        if not math.isfinite(length_penalty):
-            raise CaptionerError(f"length penalty must be a finite number, got {length_penalty}")
-        if not 0.0 <= rerank_fmean <= 1.0:
-            raise CaptionerError(f"the F-mean's share of the rerank agreement must be 0 to 1, got {rerank_fmean}")
-        rerank = min(rerank, beam_size)
-        if beam_size == 1 and n_best == 1:
-            hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, max_len,
-                                                                  suppress_unk)]
+    def decode(self, features: torch.Tensor, decoding: Decoding | None = None, n_best: int = 1,
+               suppress_unk: bool = True, **settings) -> list[Caption]:
+        """Captions for encoded images, decoded as `decoding` says (config.Decoding; the shipped settings
+        when None), any of its fields overridden by keyword (`beam_size=1`). With rerank R > 1 the caption is
+        the one of the beam's R best that agrees most with all its results (consensus.py)."""
+        d = self._settings(decoding, settings)
+        if not 1 <= n_best <= MAX_BEAM:
+            raise CaptionerError(f"n-best must be 1 to {MAX_BEAM}")
+        rerank = min(d.rerank, d.beam_size)
+        if d.beam_size == 1 and n_best == 1:
+            hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, d.max_len,
+                                                                  suppress_unk, d.block_repeats)]
         else:
-            keep = max(beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
-            hyps = beam_search(self.decoder, features, self.vocab, max(beam_size, n_best), max_len,
-                               length_penalty, keep, suppress_unk, block_trigrams)
+            keep = max(d.beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
+            hyps = beam_search(self.decoder, features, self.vocab, max(d.beam_size, n_best), d.max_len,
+                               d.length_penalty, keep, suppress_unk, d.block_trigrams, d.block_repeats)
         out = []
         for hs in hyps:
             if rerank > 1:
-                hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs), rerank_fmean)][:n_best]
+                hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs), d.rerank_fmean)][:n_best]
             alts = [(self.vocab.decode(h.tokens), h.logprob) for h in hs]
             out.append(Caption(alts[0][0], alts[0][1], alts))
         return out
 
-    def caption_full(self, images: Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
-                     n_best: int = 1, length_penalty: float = LENGTH_PENALTY, batch_size: int = 32,
-                     views: int = 1, rerank: int = RERANK, block_trigrams: bool = BLOCK_TRIGRAMS,
-                     rerank_fmean: float = RERANK_FMEAN) -> list[Caption]:
-        """Captions with log-probabilities and n-best alternatives."""
+    @staticmethod
+    def _settings(decoding: Decoding | None, settings: dict) -> Decoding:
+        try:
+            return replace(decoding or Decoding(), **settings).validate()
+        except TypeError as e:  # an unknown keyword
+            raise CaptionerError(f"unknown decoding setting ({e})") from None
+
+    def caption_full(self, images: Iterable[ImageSource], decoding: Decoding | None = None, n_best: int = 1,
+                     batch_size: int = 32, **settings) -> list[Caption]:
+        """Captions with log-probabilities and n-best alternatives; `decoding` and keywords as for `decode`."""
+        d = self._settings(decoding, settings)
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
-            feats = self.encode(images[i:i + batch_size], views=views)
-            out += self.decode(feats, beam_size, max_len, n_best, length_penalty, rerank=rerank,
-                               block_trigrams=block_trigrams, rerank_fmean=rerank_fmean)
+            feats = self.encode(images[i:i + batch_size], views=d.views)
+            out += self.decode(feats, d, n_best)
         return out
 
-    def caption(self, images: ImageSource | Iterable[ImageSource], beam_size: int = BEAM_SIZE, max_len: int = 20,
-                batch_size: int = 32, rerank: int = RERANK) -> list[str] | str:
+    def caption(self, images: ImageSource | Iterable[ImageSource], decoding: Decoding | None = None,
+                batch_size: int = 32, **settings) -> list[str] | str:
         """One caption per image; a single path/PIL image gives a single string."""
         single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode")
-        caps = self.caption_full([images] if single else images, beam_size, max_len, batch_size=batch_size, rerank=rerank)
+        caps = self.caption_full([images] if single else images, decoding, batch_size=batch_size, **settings)
         texts = [c.text for c in caps]
         return texts[0] if single else texts

@@ -2,10 +2,8 @@
 
 Every training batch has its own caption lengths, so (1) the tensors freed after a step rarely fit the
 next step's requests exactly, and glibc keeps the freed pieces, and (2) oneDNN plans and keeps a new bf16
-kernel for every new shape (up to 1024 of them). A Flickr8k epoch of the recipe's model grew the process
-to 2.2 GB (eval/RESULTS.md, Speed, row 5). `malloc_trim` every TRIM_EVERY steps returns the free pages
-(a lower mmap threshold did that too, 2x slower), and a 16-kernel cache stops the growth; together
-1.54 against 1.99 GB for an epoch, at 1.01-1.09x the time over the runs measured.
+kernel for every new shape (up to 1024 of them). `malloc_trim` every TRIM_EVERY steps returns the free
+pages, and a 16-kernel cache stops the growth, at little cost in time (eval/RESULTS.md, "Speed").
 """
 from __future__ import annotations
 

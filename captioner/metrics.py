@@ -11,7 +11,7 @@ import shutil
 from typing import Sequence
 
 from .errors import CaptionerError
-from .vocab import tokenize
+from .vocab import degenerate, repeated_word, tokenize
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -131,3 +131,14 @@ def all_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     if per_image:
         each["BLEU-4"] = [sentence_bleu4(h, rs) for h, rs in zip(hypotheses, references)]
     return scores, each, notes
+
+
+def repetition(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How often captions repeat a content word (vocab.FUNCTION_WORDS names what is not one), in percent, for
+    the model's captions and for the human references of the same images, and how many of the model's
+    captions are degenerate ("X on a X", "eating eating"): people do the first now and then, never the second."""
+    toks = [tokenize(h) for h in hypotheses]
+    refs = [tokenize(r) for rs in references for r in rs]
+    share = lambda caps: 100.0 * sum(repeated_word(c) is not None for c in caps) / max(len(caps), 1)  # noqa: E731
+    return {"repeats": round(share(toks), 2), "reference_repeats": round(share(refs), 2),
+            "degenerate": sum(degenerate(c) for c in toks)}

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
+from .config import ScstConfig
 from .data import load_sources
 from .decoding import beam_search
 from .distributed import features_on_device
@@ -28,9 +28,8 @@ from .errors import CaptionerError
 from .features import model_features
 from .inference import load_model, save_model
 from .memory import trim_if_due
-from .metrics import _close_meteor, bleu
+from .metrics import bleu
 from .model import ShowAndTell
-from .train import _pad
 from .vocab import Vocabulary, tokenize
 
 # The dev check that decides whether an epoch's weights are kept: beam search with the length penalty that
@@ -73,47 +72,6 @@ class CiderD:
         crefs.corpus_size = self.n_docs
         s.crefs = crefs
         return np.array(s.compute_cider())
-
-
-class MeteorReward:
-    """Per-caption METEOR from pycocoevalcap's METEOR 1.5: one Java process, 1.5x the CIDEr-D reward's time
-    (eval/cider_cost.py)."""
-
-    def __init__(self):
-        try:
-            from pycocoevalcap.meteor.meteor import Meteor
-        except ImportError:
-            raise CaptionerError('a METEOR reward needs pycocoevalcap: pip install "captioner[coco]"') from None
-        if shutil.which("java") is None:
-            raise CaptionerError("a METEOR reward needs Java (METEOR 1.5 is a Java program); install a JRE")
-        self._m = Meteor()
-
-    def __call__(self, hyps: list[str], refs: list[list[str]]) -> np.ndarray:
-        _, scores = self._m.compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
-        return np.asarray(scores, dtype=np.float64)
-
-    def close(self) -> None:
-        _close_meteor(self._m)
-
-
-@dataclass
-class ScstConfig:
-    init: str = ""  # cross-entropy checkpoint to start from
-    data: list[str] | str = ""  # one dataset or several (data.load_sources)
-    out: str = "runs/scst"
-    images: str | None = None
-    epochs: int = 5
-    batch_size: int = 32  # images per batch
-    samples: int = 5  # captions sampled per image
-    lr: float = 2e-5
-    max_len: int = 16
-    meteor_weight: float = 0.0  # reward = CIDEr-D + meteor_weight x METEOR
-    xe_weight: float = 0.0  # loss + xe_weight x the image's references' cross-entropy (per caption, summed)
-    eval_beam: int = 3
-    seed: int = 0
-    cache_dir: str | None = None
-    workers: int = 2
-    device: str = "cpu"
 
 
 def sample(model: ShowAndTell, features: torch.Tensor, vocab: Vocabulary, n: int, max_len: int,
@@ -179,48 +137,27 @@ def without_dropout(model: ShowAndTell):
 
 
 def policy_step(model: ShowAndTell, optim: torch.optim.Optimizer, features: torch.Tensor, caps: torch.Tensor,
-                lengths: torch.Tensor, rewards: torch.Tensor, vocab: Vocabulary,
-                refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, xe_weight: float = 0.0) -> None:
+                lengths: torch.Tensor, rewards: torch.Tensor, vocab: Vocabulary) -> None:
     """One REINFORCE update from `sample`'s captions and their rewards [B, n].
 
     Each caption's baseline is the mean reward of the image's other samples (no greedy decode needed).
-    `refs` (the images' reference captions as (feature index, ids, lengths), see `reference_batch`) adds
-    `xe_weight` x their cross-entropy: CIDEr-D alone shortens the captions, and METEOR, which weighs recall,
-    pays for it; the references' likelihood holds the policy near the captions people write.
     """
     n = rewards.shape[1]
     baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
     adv = (rewards - baseline).view(-1).to(features.device)
     with without_dropout(model):
         logits, targets = model(features.repeat_interleave(n, 0), caps.to(features.device), lengths)
-        xe = 0.0
-        if refs is not None and xe_weight:
-            rows, ref_caps, ref_lens = refs
-            ref_logits, ref_targets = model(features[rows.to(features.device)], ref_caps.to(features.device), ref_lens)
-            # <unk> targets are skipped: the policy never samples it, and raising it would undo _policy_mask
-            xe = torch.nn.functional.cross_entropy(ref_logits.float(), ref_targets, ignore_index=vocab.unk_id,
-                                                   reduction="sum") / len(ref_lens)
     tok_lp = -torch.nn.functional.cross_entropy(_policy_mask(logits, len(lengths), vocab), targets, reduction="none")
     # sum per sequence: packed order is time-major, so rebuild with the per-sequence lengths
     packed = pack_padded_sequence(torch.zeros(len(lengths), int(lengths.max()) - 1, device=tok_lp.device),
                                   lengths - 1, batch_first=True, enforce_sorted=False)
     seq_lp = pad_packed_sequence(PackedSequence(tok_lp, packed.batch_sizes, packed.sorted_indices,
                                                 packed.unsorted_indices), batch_first=True)[0].sum(1)
-    loss = -(adv * seq_lp).mean() + xe_weight * xe
+    loss = -(adv * seq_lp).mean()
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     optim.step()
-
-
-def reference_batch(captions: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Every reference of a batch's images as one padded batch: (image index per caption, ids [N, T], lengths);
-    None when no image has one."""
-    rows = [i for i, caps in enumerate(captions) for _ in caps]
-    flat = [ids for caps in captions for ids in caps]
-    if not flat:
-        return None
-    return (torch.tensor(rows, dtype=torch.long), *_pad(flat))  # training's padding: <pad> is id 0
 
 
 def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
@@ -248,11 +185,6 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     dev_rows = [n_train + i for i in range(len(dev_recs)) if valid[n_train + i]]
     tok_refs = {i: [" ".join(tokenize(c)) for c in train_recs[i].captions] for i in train_rows}
     cider = CiderD([train_recs[i].captions for i in train_rows])
-    meteor = MeteorReward() if cfg.meteor_weight else None
-    max_ids = cfg.max_len + 2  # <start>, words, <end>: as long as a sample may be
-    ref_ids = {i: [ids[:max_ids - 1] + [vocab.end_id] if len(ids) > max_ids else ids
-                   for ids in map(vocab.encode, train_recs[i].captions) if len(ids) > 2]
-               for i in train_rows} if cfg.xe_weight else {}
     dev_refs = [dev_recs[r - n_train].captions for r in dev_rows]
     dev_cider = CiderD(dev_refs)  # document frequencies from the dev references, as the COCO evaluation does
     dev_tok_refs = [[" ".join(tokenize(c)) for c in refs] for refs in dev_refs]
@@ -291,12 +223,8 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
                 caps, lens = sample(model, f, vocab, cfg.samples, cfg.max_len, gen)
             hyps = [" ".join(tokenize(vocab.decode(c))) for c in caps.tolist()]
             refs = [tok_refs[r] for r in rows for _ in range(cfg.samples)]
-            reward = cider(hyps, refs)
-            if meteor is not None:
-                reward = reward + cfg.meteor_weight * meteor(hyps, refs)
-            r = torch.from_numpy(reward).float().view(len(rows), cfg.samples)
-            ref_batch = reference_batch([ref_ids[row] for row in rows]) if cfg.xe_weight else None
-            policy_step(model, optim, f, caps, lens, r, vocab, ref_batch, cfg.xe_weight)
+            r = torch.from_numpy(cider(hyps, refs)).float().view(len(rows), cfg.samples)
+            policy_step(model, optim, f, caps, lens, r, vocab)
             if cfg.device == "cpu":
                 trim_if_due(b + 1)
             rewards.append(float(r.mean()))
@@ -305,7 +233,7 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
         sc = dev_scores()
         history.append({"epoch": epoch, "train_cider": float(np.mean(rewards)), **sc})
         improved = sc["BLEU-4"] > best_score
-        print(f"scst epoch {epoch}: train {'reward' if meteor else 'CIDEr-D'} {np.mean(rewards):.3f}, dev BLEU-4 {sc['BLEU-4']:.2f}, "
+        print(f"scst epoch {epoch}: train CIDEr-D {np.mean(rewards):.3f}, dev BLEU-4 {sc['BLEU-4']:.2f}, "
               f"CIDEr-D {sc['CIDEr-D']:.2f}"
               f"{' (best)' if improved else ''}; e.g. \"{sc['example']}\"", flush=True)
         if improved:
@@ -313,7 +241,5 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
             save_model(out / "best.safetensors", model, vocab, encoder, extra={"train": meta.get("train", {}), "scst": {
                 "epoch": epoch, "dev": {k: v for k, v in sc.items() if k != "example"}, "config": asdict(cfg)}})
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    if meteor is not None:
-        meteor.close()  # its Java process; on an error, pycocoevalcap's __del__ does it
     return {"best_dev_BLEU-4": best_score, "seconds": round(time.time() - t0, 1),
             "checkpoint": str(out / "best.safetensors")}

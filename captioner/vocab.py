@@ -20,6 +20,42 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+# Words whose repetition within a caption is ordinary ("a man and a woman on a bench", "a black and white
+# dog"): articles, prepositions, conjunctions, pronouns, auxiliaries, colours and numbers. Any other word
+# said twice ("a man riding a bicycle on a bicycle") is a repeated content word (`repeated_word`).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some another other each one two three four five six several many few
+of in on at to into onto from with without by for over under above below near next beside behind between
+through across along around down up out off while as about against toward towards inside outside
+and or but nor so then than
+he she it they them his her its their him i you we me my your our who whom which what where there here
+is are was were be been being has have had do does did can could will would may might
+'s n't not very
+black white red blue green yellow orange brown pink purple gray grey silver gold tan dark light colored
+""".split())
+
+
+def repeated_word(words: Sequence[str]) -> str | None:
+    """The first content word (not in FUNCTION_WORDS) that occurs twice in a tokenized caption, or None."""
+    seen = set()
+    for w in words:
+        if w in FUNCTION_WORDS:
+            continue
+        if w in seen:
+            return w
+        seen.add(w)
+    return None
+
+
+def degenerate(words: Sequence[str]) -> bool:
+    """A repetition no person writes: a word twice in a row ("eating eating"), or "X on a X" (a content word
+    again after a preposition and an article, "a wave on a wave")."""
+    if any(a == b for a, b in zip(words, words[1:])):
+        return True
+    return any(x == y and x not in FUNCTION_WORDS and p not in ("and", "or") for x, p, _, y in
+               zip(words, words[1:], words[2:], words[3:]) if _ in ("a", "an", "the"))
+
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .decoding import _mask, _step
-from .defaults import BEAM_SIZE, RERANK
+from .config import Decoding
 from .encoders import VIEWS
 from .errors import CaptionerError
 from .images import ImageError, load_image
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 METHODS = ("Beam search", "Greedy", "Sampling")
+SHIPPED = Decoding()  # the library's decoding settings, which the demo starts from
 # The demo's own limits, below defaults.MAX_BEAM and MAX_LEN (the library's): anyone can reach a public demo
 MAX_BEAM, MAX_ALTERNATIVES, MAX_WORDS, MAX_BATCH = 10, 10, 50, 200
 TRIM_REQUESTS = 16  # give freed heap back every this many requests (Gradio's worker threads each grow a malloc arena)
@@ -83,20 +84,22 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     return out
 
 
-def caption_images(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = BEAM_SIZE,
+def caption_images(cap: "Captioner", images: list, method: str = "Beam search",
+                   beam_size: int = SHIPPED.beam_size,
                    max_len: int = 20, n_best: int = 3, temperature: float = 1.0,
-                   views: int = 1, rerank: int = RERANK) -> list[list[tuple[str, float]]]:
+                   views: int = 1, rerank: int = SHIPPED.rerank) -> list[list[tuple[str, float]]]:
     """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
     features = cap.encode(images, views=views)
     if method == "Sampling":
         return sample(cap, features, n_best, max_len, temperature)
     if method == "Greedy":
         beam_size = n_best = 1
-    return [c.alternatives for c in cap.decode(features, beam_size, max_len, n_best, rerank=rerank)]
+    return [c.alternatives for c in cap.decode(features, n_best=n_best, beam_size=beam_size, max_len=max_len,
+                                               rerank=rerank, views=views)]
 
 
 def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1,
-              rerank: Any = RERANK) -> tuple:
+              rerank: Any = SHIPPED.rerank) -> tuple:
     """API callers can send anything: check it here so a bad value is a message, not a traceback."""
     if method not in METHODS:
         raise CaptionerError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
@@ -138,7 +141,7 @@ def _alternatives_table(alts: list[tuple[str, float]]) -> list[list]:
 
 
 def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperature: float, views: int,
-              rerank: int = RERANK) -> str:
+              rerank: int = SHIPPED.rerank) -> str:
     if method == "Beam search":
         top = min(rerank, beam_size)
         text = f"beam search (beam {beam_size}" + (f", top {top} reranked by agreement)" if top > 1 else ")")
@@ -149,9 +152,15 @@ def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperatur
 
 # --- the app --------------------------------------------------------------------------------------------
 
-def _encoder_title(name: str) -> str:
-    """`efficientnet_lite2` as people write it: EfficientNet-Lite2 (other names as they are)."""
-    return name.replace("efficientnet_lite", "EfficientNet-Lite") if name.startswith("efficientnet_lite") else name
+def what_it_knows(meta: dict) -> str:
+    """One line, in plain words, on which photos the model learned from (its card's training data)."""
+    data = " ".join((meta.get("card") or {}).get("training_data", [])).lower()
+    if "coco" in data:
+        return ("It learned from about 8,000 everyday photos (Flickr8k and COCO): people, animals, vehicles, food, "
+                "rooms and streets are what it knows best.")
+    if "flickr" in data:
+        return "It learned from Flickr8k's photos, mostly of people and dogs outdoors: those are what it knows best."
+    return ""
 
 
 def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLike | None = None,
@@ -173,7 +182,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
     def done() -> None:
         trim_if_due(next(served), TRIM_REQUESTS)
 
-    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=RERANK):
+    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=SHIPPED.rerank):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
         if not image:
             return "", [], ""
@@ -190,7 +199,7 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         return alts[0][0], _alternatives_table(alts), details
 
     def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature, views=1,
-                      rerank=RERANK):
+                      rerank=SHIPPED.rerank):
         """One row per file (bad files get their message in the error column), plus CSV and JSON files."""
         if not paths:
             raise gr.Error("Choose some image files first.", print_exception=False)
@@ -227,8 +236,8 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         return rows, [f"{stem}.csv", f"{stem}.json"], summary
 
     with gr.Blocks(title="Image captioner", delete_cache=(3600, 3600), analytics_enabled=False) as app:
-        gr.Markdown(f"# Image captioner\n{_encoder_title(cap.encoder.name)} encoder + LSTM decoder (Show and Tell). "
-                    "Drop, paste or pick a photo; its caption appears below.")
+        gr.Markdown(f"# Image captioner\nDescribes a photo in one sentence: drop, paste or pick one, and its caption "
+                    f"appears on the right. {what_it_knows(cap.meta)}")
         with gr.Tab("Single image"):
             with gr.Row():
                 with gr.Column():
@@ -248,17 +257,17 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
             batch_summary = gr.Markdown(label="Summary")
             table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True)
             downloads = gr.File(label="Downloads (CSV, JSON)", file_count="multiple", interactive=False)
-        with gr.Accordion("Decoding settings", open=True):
+        with gr.Accordion("Decoding settings", open=False):
             with gr.Row():
                 method = gr.Radio(list(METHODS), value="Beam search", label="Method")
-                beam = gr.Slider(1, MAX_BEAM, value=BEAM_SIZE, step=1, label="Beam size", info="beam search only")
+                beam = gr.Slider(1, MAX_BEAM, value=SHIPPED.beam_size, step=1, label="Beam size", info="beam search only")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature",
                                         info="sampling only: lower = safer, higher = more varied")
             with gr.Row():
                 max_len = gr.Slider(1, MAX_WORDS, value=20, step=1, label="Max length (words)")
                 n_best = gr.Slider(1, MAX_ALTERNATIVES, value=3, step=1, label="Alternatives",
                                    info="captions listed (beam search and sampling)")
-                rerank = gr.Slider(0, MAX_BEAM, value=RERANK, step=1, label="Rerank",
+                rerank = gr.Slider(0, MAX_BEAM, value=SHIPPED.rerank, step=1, label="Rerank",
                                    info="beam search only: its N best compete, and the one that agrees most with all "
                                         "its captions is shown; 0 or 1 = the most probable")
             views = gr.Radio(list(VIEWS), value=1, label="Views",
@@ -277,24 +286,15 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
 
 
 def launch(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 7860,
-           max_upload_mb: float = 20, *, captioner: "Captioner | None" = None, block: bool = True) -> "gr.Blocks":
+           max_upload_mb: float = 20, *, captioner: "Captioner | None" = None, block: bool = True,
+           share: bool = False) -> "gr.Blocks":
     """Serve the demo. Gradio refuses larger uploads before they are stored (`max_file_size`);
     `block=False` returns the running app (tests use it), to be stopped with `.close()`."""
     app = build_app(captioner, model, max_upload_mb=max_upload_mb)
     app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
                allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block, show_error=True,
-               footer_links=["api"], quiet=not block)
+               footer_links=["api"], quiet=not block, share=share)
     return app
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of `captioner demo` and `python demo/app.py`, defined once."""
-    parser.add_argument("--model", help="checkpoint (.safetensors) or run folder; default: the bundled model")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on; 0.0.0.0 serves other machines (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload (default: 20)")
-    return parser
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -304,7 +304,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.max_upload_mb > 0:
         raise CaptionerError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     try:
-        launch(args.model, args.host, args.port, args.max_upload_mb)
+        launch(args.model, args.host, args.port, args.max_upload_mb, share=getattr(args, "share", False))
     except OSError as e:
         if "empty port" not in str(e):
             raise

@@ -1,4 +1,4 @@
-"""`python demo/app.py [--model CKPT] [--host H] [--port P] [--max-upload-mb N]`: the web demo.
+"""`python demo/app.py [--model CKPT] [--host H] [--port P] [--max-upload-mb N] [--share]`: the web demo.
 
 The same app as `captioner demo`; this file exists so a checkout (or a Hugging Face Space) can start it
 without installing the package's console script.
@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from captioner.errors import CaptionerError  # noqa: E402
-from captioner.webapp import add_demo_arguments, run_demo  # noqa: E402
+from captioner.cli import add_demo_arguments  # noqa: E402
+from captioner.webapp import run_demo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

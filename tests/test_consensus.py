@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captioner.consensus import _bleu1, _fmean, _ngrams, agreement, rerank
-from captioner.defaults import RERANK_FMEAN
+from captioner.config import Decoding
+
+RERANK_FMEAN = Decoding().rerank_fmean
 from captioner.errors import CaptionerError
 
 

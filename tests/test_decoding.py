@@ -85,6 +85,28 @@ def test_trigram_blocking_batched_equals_reference_and_never_repeats(real):
     assert max(abs(b.logprob - r.logprob) for bs, rs in zip(batched, ref) for b, r in zip(bs, rs)) < 1e-9
 
 
+def test_repeat_blocking_batched_equals_reference_and_never_repeats_a_content_word(real):
+    """With block_repeats no caption of the n-best says a content word twice (function words may repeat), the
+    batched search equals the per-image reference, and greedy decoding blocks the same way."""
+    import copy
+    from captioner.vocab import repeated_word
+    cap, feats = real
+    k = 5
+    text = lambda h: [cap.vocab.itos[t] for t in h.tokens]  # noqa: E731
+    free = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k)
+    blocked = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k,
+                          block_repeats=True)
+    assert sum(repeated_word(text(h)) is not None for hs in free for h in hs) >= 5
+    assert not any(repeated_word(text(h)) for hs in blocked for h in hs)
+    assert all(len(hs) == k for hs in blocked)
+    assert not any(repeated_word(text(h)) for h in greedy(cap.decoder, feats, cap.vocab, block_repeats=True))
+    decoder = copy.deepcopy(cap.decoder).double()
+    f = feats[:40].double()
+    kw = dict(beam_size=k, length_penalty=0.5, n_best=k, block_trigrams=True, block_repeats=True)
+    batched, ref = beam_search(decoder, f, cap.vocab, **kw), beam_search_reference(decoder, f, cap.vocab, **kw)
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in ref]
+
+
 def test_captioner_and_cli_block_trigrams_by_default(real):
     """The shipped path (`Captioner.decode`, beam 10 reranked) blocks repeats unless told not to."""
     from captioner.cli import build_parser
@@ -140,7 +162,7 @@ def test_precision_is_chosen_by_the_hardware_and_can_be_forced(monkeypatch):
 def test_decode_refuses_settings_beyond_its_limits_before_any_work(real):
     """The library's own guard (the CLI's flags and the demo stop such values earlier): a beam of a million rows
     per image would be tens of GB, a NaN length penalty an arbitrary ranking."""
-    from captioner.defaults import MAX_BEAM, MAX_LEN
+    from captioner.config import MAX_BEAM, MAX_LEN
     from captioner.errors import CaptionerError
     cap, feats = real
     for kw, needle in [({"beam_size": MAX_BEAM + 1}, "beam size"), ({"n_best": 10**6}, "n-best"),

@@ -24,7 +24,9 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from captioner import webapp  # noqa: E402
 from captioner.images import ImageError  # noqa: E402
 from captioner.inference import BUNDLED_MODEL, Captioner  # noqa: E402
-from captioner.defaults import BEAM_SIZE, RERANK  # noqa: E402
+from captioner.config import Decoding  # noqa: E402
+
+BEAM_SIZE, RERANK = Decoding().beam_size, Decoding().rerank
 
 MAX_UPLOAD_MB = 2
 CHROMIUM = "/usr/bin/chromium"

@@ -191,21 +191,3 @@ def test_feature_extraction_saves_progress_when_interrupted_and_resumes(tiny, tm
     assert np.array_equal(np.asarray(again.features), np.asarray(whole.features))
 
 
-def test_sharded_concept_loss_averages_to_the_one_process_loss():
-    """--concept-weight under DDP: with shards holding the same number of bag words, the ranks' losses average
-    to the one-process loss (with uneven ones, to the mean of the shards' means, as ddp_loss says)."""
-    from captioner.model import DecoderConfig, ShowAndTell
-    torch.manual_seed(0)
-    m = ShowAndTell(DecoderConfig(30, 12, 8, 8, dropout=0.0, concepts=True))
-    lens = torch.tensor([7, 3, 5, 4])
-    caps = torch.randint(4, 30, (4, 7)) * (torch.arange(7) < lens[:, None])
-    feats, bags = torch.randn(4, 12), torch.zeros(4, 26)
-    bags[:, :3] = 1.0  # three words per image
-    ref = m.loss(feats, caps, lens, bags=bags, concept_weight=0.5)
-    assert ref.item() > m.loss(feats, caps, lens).item()
-    n_tok, total = int((lens - 1).sum()), 0.0
-    for rank in range(2):
-        mine = DistContext(rank, 2).shard(list(range(4)))
-        total += ddp_loss(m, feats[mine], caps[mine], lens[mine], 0.0, n_tok, 2, bags=bags[mine],
-                          concept_weight=0.5).item()
-    assert abs(total / 2 - ref.item()) < 1e-5

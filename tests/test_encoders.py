@@ -79,7 +79,6 @@ def test_pickle_weights_are_refused(tmp_path):
 
 
 def test_test_time_views_average_the_views_features(tmp_path):
-    from dataclasses import replace
     from pathlib import Path
 
     from captioner.encoders import parts_of, test_views
@@ -147,7 +146,7 @@ def test_shared_trunk_keeps_one_copy_of_the_frozen_cnn():
     sd = shared.state_dict()
     stem = "features.net._conv_stem.weight"
     assert sd[f"members.1.{stem}"].data_ptr() == sd[f"members.0.{stem}"].data_ptr()
-    assert sd[f"members.1.features.net._bn0.running_mean"].data_ptr() == sd["members.0.features.net._bn0.running_mean"].data_ptr()
+    assert sd["members.1.features.net._bn0.running_mean"].data_ptr() == sd["members.0.features.net._bn0.running_mean"].data_ptr()
     assert torch.equal(b.stages[-1][0].weight, head) and not torch.equal(a.stages[-1][0].weight, head)
     c = create_encoder(pool="regions")
     c.freeze(1)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.defaults import LENGTH_PENALTY
+from captioner.config import Decoding
+
+LENGTH_PENALTY = Decoding().length_penalty
 from captioner.errors import CaptionerError
 from captioner.decoding import _step, beam_search, beam_search_reference, greedy
 from captioner.inference import Captioner, load_model, save_ensemble

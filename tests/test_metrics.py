@@ -41,7 +41,7 @@ def test_evaluate_cli_writes_coco_results(coco_mini, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(coco_mini / "captions_val2017.json"), "--split", "val",
                  "--beam-size", "2", "--limit", "40", "--out", str(out), "--quiet",
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--results-file", str(tmp_path / "results.csv")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR"):
         assert 0 <= metrics[name] <= 100, name
@@ -53,3 +53,14 @@ def test_evaluate_cli_writes_coco_results(coco_mini, tmp_path):
     assert len(res.getImgIds()) == 40
     page = (out / "report.html").read_text()
     assert page.count("<tr>") == 41 and "data:image/jpeg;base64," in page
+    # the page as a browser shows it: one separator between the scores, and the decoding as the CLI says it
+    import html
+    import re
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page.split("<table>")[0]))
+    assert "&middot;" not in text and "&" not in text and f"BLEU-1 {metrics['BLEU-1']:.2f} \u00b7 BLEU-2" in text
+    assert "beam 2, length penalty 0.7, 2 best reranked (F-mean share 0.5), trigram blocking" in text
+    # and one row in the results record, with the settings and every metric
+    import csv
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 1 and rows[0]["split"] == "val" and rows[0]["beam_size"] == "2" and rows[0]["images"] == "40"
+    assert float(rows[0]["CIDEr"]) == metrics["CIDEr"] and len(rows[0]["commit"]) >= 7 and rows[0]["date"]

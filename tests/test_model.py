@@ -10,12 +10,11 @@ CAPTIONS = ["a black dog runs on the grass", "two children play in the snow",
             "a man rides a red bike", "a woman sits on a bench"]
 
 
-def _overfit(steps: int = 300, tie: bool = False):
+def _overfit(steps: int = 300):
     torch.manual_seed(0)
     vocab = Vocabulary.build(CAPTIONS, min_count=1)
     feats = torch.randn(len(CAPTIONS), 32)
-    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0,
-                                      tie_words=tie))
+    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0))
     caps, lens = _pad([vocab.encode(c) for c in CAPTIONS])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -28,9 +27,8 @@ def _overfit(steps: int = 300, tie: bool = False):
     return model.eval(), vocab, feats, losses
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_tiny_model_overfits_and_greedy_reproduces_captions(tie):
-    model, vocab, feats, losses = _overfit(tie=tie)
+def test_tiny_model_overfits_and_greedy_reproduces_captions():
+    model, vocab, feats, losses = _overfit()
     assert losses[-1] < 0.05 * losses[0]
     decoded = [vocab.decode(h.tokens) for h in greedy(model, feats, vocab, max_len=12)]
     assert decoded == CAPTIONS
@@ -53,8 +51,8 @@ def test_decoding_step_equals_model_step_and_follows_weight_changes():
     from captioner.decoding import _step
     from captioner.model import DecoderConfig, ShowAndTell
     torch.manual_seed(0)
-    for layers, tie in ((1, False), (2, False), (1, True)):
-        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers, tie_words=tie)).eval()
+    for layers in (1, 2):
+        m = ShowAndTell(DecoderConfig(40, 12, 8, 16, num_layers=layers)).eval()
         for B in (1, 3, 65, 400):
             tokens = torch.randint(0, 40, (B,))
             state = (torch.randn(layers, B, 16), torch.randn(layers, B, 16))
@@ -64,7 +62,7 @@ def test_decoding_step_equals_model_step_and_follows_weight_changes():
                         m.word_embed.weight.mul_(1.5)
                         m.lstm.bias_hh_l0.add_(0.1)
                     elif change == "output":
-                        (m.out_proj.weight if tie else m.out.weight).mul_(0.5)
+                        m.out.weight.mul_(0.5)
                 with torch.inference_mode():
                     a, (ha, ca) = m.step(tokens, state)
                     b, (hb, cb) = _step(m, tokens, state)
@@ -80,19 +78,18 @@ def test_lowered_step_weights_follow_every_parameter():
     torch.manual_seed(0)
     tokens, state = torch.randint(4, 40, (5,)), (torch.randn(1, 5, 16), torch.randn(1, 5, 16))
     for dtype in (torch.bfloat16, *([INT8] if int8_is_available() else [])):
-        for tie in (False, True):
-            m = ShowAndTell(DecoderConfig(40, 12, 8, 16, tie_words=tie)).eval()
-            set_precision(m, dtype)
-            with torch.inference_mode():
-                before = _step(m, tokens, state)[0]  # fills the cache
-            with torch.no_grad():
-                (m.out_bias if tie else m.out.bias).add_(torch.randn(40))
-            fresh = ShowAndTell(m.cfg).eval()
-            fresh.load_state_dict(m.state_dict())
-            set_precision(fresh, dtype)
-            with torch.inference_mode():
-                after, want = _step(m, tokens, state)[0], _step(fresh, tokens, state)[0]
-            assert not torch.equal(after, before) and torch.equal(after, want)
+        m = ShowAndTell(DecoderConfig(40, 12, 8, 16)).eval()
+        set_precision(m, dtype)
+        with torch.inference_mode():
+            before = _step(m, tokens, state)[0]  # fills the cache
+        with torch.no_grad():
+            m.out.bias.add_(torch.randn(40))
+        fresh = ShowAndTell(m.cfg).eval()
+        fresh.load_state_dict(m.state_dict())
+        set_precision(fresh, dtype)
+        with torch.inference_mode():
+            after, want = _step(m, tokens, state)[0], _step(fresh, tokens, state)[0]
+        assert not torch.equal(after, before) and torch.equal(after, want)
 
 
 def test_bfloat16_step_is_close_to_float32_and_switches_back():
@@ -124,15 +121,14 @@ def test_bfloat16_step_is_close_to_float32_and_switches_back():
 @pytest.mark.skipif(not int8_is_available(), reason="this torch has no x86 int8 matrix kernels (torch.ao, deprecated)")
 def test_int8_step_is_close_to_float32_for_every_decoder_kind():
     """int8 decoder weights (the default on x86 CPUs) move log-probabilities by rounding only,
-    with attention, fed-back context and a second layer too; the state stays float32; weights stored as
+    with attention and a second layer too; the state stays float32; weights stored as
     int8 are packed as the very same integers, so storage and arithmetic round once, not twice."""
     from captioner.checkpoint import pack_weights, unpack_weights
     from captioner.decoding import INT8, _int8_pack, _step, set_precision
     from captioner.model import DecoderConfig, Ensemble, ShowAndTell
     torch.manual_seed(0)
     plain = [ShowAndTell(DecoderConfig(50, 12, 16, 32)).eval() for _ in range(2)]
-    tied = ShowAndTell(DecoderConfig(50, 12, 16, 32, tie_words=True)).eval()
-    kinds = [plain[0], Ensemble(plain), _attending(), _attending(feed=True), _attending(layers=2), tied]
+    kinds = [plain[0], Ensemble(plain), _attending(), _attending(layers=2)]
     for model in kinds:
         B = 6
         feats = torch.randn(B, model.cfg.feature_dim)
@@ -153,43 +149,18 @@ def test_int8_step_is_close_to_float32_for_every_decoder_kind():
     assert torch.equal(torch.ops.quantized.linear_unpack(packed)[0].int_repr(), stored["m.weight"])
 
 
-def _attending(layers: int = 1, regions: int = 4, channels: int = 6, positions: bool = False,
-               feed: bool = False, seed: int = 0) -> ShowAndTell:
+def _attending(layers: int = 1, regions: int = 4, channels: int = 6, seed: int = 0) -> ShowAndTell:
     torch.manual_seed(seed)
-    m = ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
-                                  regions=regions, att_dim=5, att_positions=positions, att_feed=feed)).eval()
-    if positions:
-        torch.nn.init.normal_(m.att_pos)  # as if trained: they start at zero
-    return m
-
-
-def test_region_positions_let_attention_tell_where_a_region_is():
-    """Without positions, shuffling the grid cells changes nothing (attention reads a set); with them it
-    does, and the step-by-step path still equals the teacher-forced pass."""
-    from captioner.decoding import _step
-    feats, caps, lens = torch.randn(2, 30), torch.randint(4, 30, (2, 6)), torch.tensor([6, 4])
-    perm = torch.tensor([2, 0, 3, 1])
-    shuffled = torch.cat([feats[:, :6], feats[:, 6:].unflatten(1, (4, 6))[:, perm].flatten(1)], 1)
-    plain, placed = _attending(), _attending(positions=True)
-    with torch.inference_mode():
-        torch.testing.assert_close(plain(shuffled, caps, lens)[0], plain(feats, caps, lens)[0])
-        logits = placed(feats, caps, lens)[0]
-        assert not torch.allclose(placed(shuffled, caps, lens)[0], logits, atol=1e-3)
-        state, rows = placed.init_state(feats), []
-        for t in range(5):
-            logp, state = _step(placed, caps[:, t], state)
-            rows.append(logp)
-        steps = torch.stack(rows, 1)
-        packed = torch.cat([steps[lens - 1 > t, t] for t in range(5)])
-        torch.testing.assert_close(packed, torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)
+    return ShowAndTell(DecoderConfig(30, channels * (regions + 1), 8, 16, num_layers=layers, dropout=0.0,
+                                     regions=regions, att_dim=5)).eval()
 
 
 def test_attention_step_by_step_equals_the_teacher_forced_pass():
     """The decoding step (model.step and the fast decoding._step) reads the regions exactly as the
     training pass does, and the regions matter: other regions, other words' scores."""
     from captioner.decoding import _step
-    for layers, feed in ((1, False), (2, False), (1, True)):
-        m = _attending(layers, feed=feed)
+    for layers in (1, 2):
+        m = _attending(layers)
         feats = torch.randn(3, 30)
         caps = torch.randint(4, 30, (3, 7))
         caps[:, 0] = Vocabulary.build([], 1).start_id
@@ -198,7 +169,7 @@ def test_attention_step_by_step_equals_the_teacher_forced_pass():
             logits, _ = m(feats, caps, lens)
             for step in (m.step, lambda t, s: _step(m, t, s)):
                 state, rows = m.init_state(feats), []
-                assert len(state) == 3 and state[2].shape == (4, 3, 32 + 5 * feed)
+                assert len(state) == 3 and state[2].shape == (4, 3, 32)
                 for t in range(6):
                     logp, state = step(caps[:, t], state)
                     rows.append(logp)
@@ -220,8 +191,8 @@ def test_attention_beam_search_equals_reference_and_ensembles_vote():
     from captioner.model import Ensemble
     vocab = Vocabulary([*Vocabulary.SPECIALS, *(f"w{i}" for i in range(30 - len(Vocabulary.SPECIALS)))])
     feats = torch.randn(4, 30) * 3
-    members = [_attending(seed=1), _attending(feed=True, seed=2)]
-    for m in (_attending(), _attending(feed=True), Ensemble(members)):
+    members = [_attending(seed=1), _attending(seed=2)]
+    for m in (_attending(), Ensemble(members)):
         for k in (1, 3):
             fast = beam_search(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
             ref = beam_search_reference(m, feats, vocab, beam_size=k, max_len=8, n_best=k)
@@ -254,7 +225,7 @@ def test_unrolled_lstm_equals_nn_lstm_and_scheduled_sampling_feeds_own_words():
     inputs = torch.cat([m.embed_image(feats).unsqueeze(1), m.word_embed(caps[:, :-1])], 1)
     packed = pack_padded_sequence(inputs, lens, batch_first=True, enforce_sorted=False)
     with torch.no_grad():
-        torch.testing.assert_close(m._unroll(packed, None).data, m.lstm(packed)[0].data, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m._unroll(packed, None, 0.0).data, m.lstm(packed)[0].data, rtol=1e-5, atol=1e-6)
         forced = m(feats, caps, lens)[0]
         torch.manual_seed(1)
         sampled = m(feats, caps, lens, sample_prob=0.9)[0]
@@ -265,18 +236,17 @@ def test_unrolled_lstm_equals_nn_lstm_and_scheduled_sampling_feeds_own_words():
         _attending(layers=2).train()(feats, caps, lens, sample_prob=0.5)
 
 
-@pytest.mark.parametrize("layers, feed", [(1, False), (2, False), (1, True)])
-def test_image_step_equals_nn_lstm_from_a_zero_state(layers, feed):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_image_step_equals_nn_lstm_from_a_zero_state(layers):
     """init_state computes the image step itself (an nn.LSTM call costs ~5 ms on CPU for one row); it must
     be nn.LSTM's function, in eval mode and in training (where two layers keep nn.LSTM for its dropout)."""
-    import torch.nn.functional as F
     torch.manual_seed(0)
     m = ShowAndTell(DecoderConfig(20, feature_dim=5 * 8, embed_dim=12, hidden_dim=16, num_layers=layers,
-                                  regions=4 if feed else 0, att_feed=feed, dropout=0.0))
+                                  dropout=0.0))
     feats = torch.randn(3, 5 * 8)
     for mode in (False, True):
         m.train(mode)
-        image = F.pad(m.embed_image(feats), (0, m.feed_dim)).unsqueeze(1)
+        image = m.embed_image(feats).unsqueeze(1)
         _, (h, c) = m.lstm(image)
         state = m.init_state(feats)
         torch.testing.assert_close(state[0], h, rtol=1e-5, atol=1e-6)
@@ -286,56 +256,3 @@ def test_image_step_equals_nn_lstm_from_a_zero_state(layers, feed):
         m.zero_grad()
 
 
-def test_concepts_learn_each_images_words_and_feed_the_image_step():
-    """With concepts, the bag-of-words loss teaches the image embedding which words its captions hold (read
-    against the word embeddings), and the image step reads them: other concept biases, another first state."""
-    from captioner.model import NO_CONCEPT
-    torch.manual_seed(0)
-    vocab = Vocabulary.build(CAPTIONS, min_count=1)
-    feats = torch.randn(len(CAPTIONS), 32)
-    model = ShowAndTell(DecoderConfig(len(vocab), feature_dim=32, embed_dim=64, hidden_dim=64, dropout=0.0,
-                                      concepts=True))
-    assert not hasattr(ShowAndTell(DecoderConfig(len(vocab), feature_dim=32)), "concept_bias")
-    caps, lens = _pad([vocab.encode(c) for c in CAPTIONS])
-    bags = torch.zeros(len(CAPTIONS), len(vocab) - NO_CONCEPT)
-    for j, c in enumerate(CAPTIONS):
-        bags[j, [i - NO_CONCEPT for i in vocab.encode(c) if i >= NO_CONCEPT]] = 1.0
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = model.concept_loss(feats, bags).item()
-    for _ in range(300):
-        loss = model.loss(feats, caps, lens, bags=bags, concept_weight=0.5)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    assert model.concept_loss(feats, bags).item() < 0.05 * first
-    with torch.no_grad():
-        p = torch.sigmoid(model.concept_logits(model.image_vector(feats)))
-        assert torch.equal(p > 0.5, bags.bool())
-        before = model.init_state(feats)[0]
-        model.concept_bias -= 100.0  # no word predicted
-        assert (model.init_state(feats)[0] - before).abs().max() > 0.05
-        model.concept_bias += 100.0
-    assert [vocab.decode(hs[0].tokens) for hs in beam_search(model, feats, vocab, beam_size=3)] == CAPTIONS
-
-
-def test_tied_output_layer_reads_the_word_embeddings():
-    """--tie-words: the logits are the hidden state's projection scored against the input embeddings, so
-    changing a word's embedding changes how it is written too; the untied output layer's H x V weights
-    are gone, and output_layer() (what decoding folds) gives the same logits as the training path."""
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=300, feature_dim=12, embed_dim=8, hidden_dim=32)
-    tied, free = (ShowAndTell(DecoderConfig(**cfg, tie_words=t)).eval() for t in (True, False))
-    n = lambda m: sum(p.numel() for p in m.parameters())
-    assert n(free) - n(tied) == 32 * 300 - 32 * 8
-    assert not hasattr(tied, "out") and tied.word_embed.weight.abs().max() <= 0.1
-    assert torch.equal(tied.word_embed.weight[0], torch.zeros(8))
-    h = torch.randn(5, 32)
-    w, b = tied.output_layer()
-    torch.testing.assert_close(tied.logits(h), h @ w.t() + b)
-    before = tied.logits(h)
-    with torch.no_grad():
-        tied.word_embed.weight[7] += 1.0
-    after = tied.logits(h)
-    assert not torch.equal(after[:, 7], before[:, 7])
-    torch.testing.assert_close(after[:, :7], before[:, :7])

@@ -83,3 +83,27 @@ def test_real_coco_val2017_via_pycocotools(coco_mini):
     assert len(ds) == 159 and len(ds.missing_images) == 5000 - 159
     assert all(len(r.captions) >= 5 for r in ds.records)
     assert isinstance(ds.records[0].image_id, int)
+
+
+def test_several_sources_read_as_one_and_mix_by_weight(tmp_path):
+    """--data A --data B: one dataset whose records know their source; an epoch draws each source's captions
+    in proportion to its size, or as --source-weights says (a small source repeated, a large one cut)."""
+    import torch
+    from captioner.data import load_sources
+    from captioner.train import epoch_order
+    from conftest import make_images
+    for name, n, split in (("a", 6, "train"), ("b", 2, "dev")):
+        make_images(tmp_path / name, n)
+        (tmp_path / name / "c.csv").write_text("image,caption,split\n" + "".join(
+            f"img{i}.jpg,a photo,{split}\n" for i in range(n)))
+    ds = load_sources([str(tmp_path / "a" / "c.csv"), str(tmp_path / "b" / "c.csv")])
+    assert [(r.source, r.split) for r in ds.records] == [(0, "train")] * 6 + [(1, "dev")] * 2
+    sources = [0] * 30 + [1] * 10
+    g = torch.Generator().manual_seed(0)
+    plain = epoch_order(sources, None, g)
+    assert sorted(plain) == list(range(40))
+    balanced = epoch_order(sources, [1, 1], g)
+    assert len(balanced) == 40 and sum(sources[i] for i in balanced) == 20
+    assert len({i for i in balanced if sources[i] == 1}) == 10  # every caption of the small source, twice
+    only_a = epoch_order(sources, [1, 0], g)
+    assert len(only_a) == 40 and all(sources[i] == 0 for i in only_a)

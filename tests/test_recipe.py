@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from captioner.defaults import BEAM_SIZE, RERANK
+from captioner.config import Decoding
+
+BEAM_SIZE, RERANK = Decoding().beam_size, Decoding().rerank
 from captioner.inference import Captioner
 from captioner.model import Ensemble
-from conftest import make_tiny_dataset
+from conftest import make_images, make_tiny_dataset
 
 RECIPE = Path(__file__).parent.parent / "train" / "recipe.py"
 
@@ -18,8 +20,13 @@ def _recipe(cfg: Path):
 
 
 def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
+    """Two sources (the second has training images only), two seeds, SCST, one ensemble with its card."""
     data = make_tiny_dataset(tmp_path / "data")
-    cfg = {"data": str(data / "caps.csv"), "out": str(tmp_path / "out"), "cache_dir": str(data / "cache"),
+    more = tmp_path / "more"
+    make_images(more, 6)
+    (more / "caps.csv").write_text("image,caption\n" + "".join(f"img{i}.jpg,a bright square photo\n" for i in range(6)))
+    cfg = {"data": [str(data / "caps.csv"), str(more / "caps.csv")], "source_weights": [1, 1], "name": "tiny",
+           "out": str(tmp_path / "out"), "cache_dir": str(data / "cache"),
            "embed_dim": 16, "hidden_dim": 16, "min_count": 1, "batch_size": 4, "epochs": 2, "workers": 0,
            "warmup_steps": 2, "seeds": [0, 1], "scst": {"epochs": 1, "batch_size": 4, "samples": 2}}
     (tmp_path / "r.json").write_text(json.dumps(cfg))
@@ -29,11 +36,17 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     report = json.loads((out / "recipe.json").read_text())
     assert set(report["seconds"]) == {"features", "cross-entropy", "scst", "bundle+eval", "total"}
     assert report["peak_rss_mb_all_processes"] > 100 and report["seeds"] == [0, 1]
-    assert set(report["dev"]) >= {"BLEU-4", "METEOR", "CIDEr"} and report["kept_seeds"] == [0, 1]
+    assert list(report["dev"]) == [str(data / "caps.csv")]  # the source with a dev split, scored on its own
+    assert set(report["dev"][str(data / "caps.csv")]) >= {"BLEU-4", "METEOR", "CIDEr"} and report["kept_seeds"] == [0, 1]
     assert set(report["dev_per_seed"]) == {"0", "1"} and (report["decoding"]["beam_size"], report["decoding"]["rerank"]) == (BEAM_SIZE, RERANK)
     assert report["decoding"]["precision"] in ("float32", "bfloat16", "int8")
     cap = Captioner.load(out / "model.safetensors")
     assert isinstance(cap.decoder, Ensemble) and len(cap.decoder.members) == 2
+    card = cap.meta["card"]  # the model's card: its name, data, recipe and scores, and no local paths
+    assert card["name"] == "tiny" and card["training_data"] == ["data train", "more"]
+    assert card["scores"]["data dev"]["metrics"] == report["dev"][str(data / "caps.csv")]
+    assert "ensemble_of" not in cap.meta and "runs/" not in json.dumps(cap.meta)
+    assert json.loads((out / "xe-s0" / "config.json").read_text())["data"] == cfg["data"]
     for s in (0, 1):
         assert json.loads((out / f"scst-s{s}" / "config.json").read_text())["init"].endswith(f"xe-s{s}/best.safetensors")
     # the seeds really differ, so the ensemble has two different voices
@@ -45,7 +58,7 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     assert r.returncode == 0 and r.stdout.count("finished earlier, kept") == 4, r.stdout + r.stderr
     again = json.loads((out / "recipe.json").read_text())
     assert len(again["invocations"]) == 2 and again["invocations"][0] == report["invocations"][0]
-    best = max(again["dev_per_seed"], key=lambda s: again["dev_per_seed"][s]["BLEU-4"])
+    best = max(again["dev_per_seed"], key=lambda s: again["dev_per_seed"][s][str(data / "caps.csv")]["BLEU-4"])
     assert again["kept_seeds"] == [int(best)] and (report["storage"], again["storage"]) == ("float16", "int8")
     cap = Captioner.load(out / "model.safetensors")
     assert not isinstance(cap.decoder, Ensemble) and cap.meta["storage"] == "int8"
@@ -67,7 +80,7 @@ def test_recipe_gives_each_seed_its_encoder(tmp_path):
     cap = Captioner.load(out / "model.safetensors")
     assert isinstance(cap.encoder, EncoderStack) and [m.name for m in cap.encoder.members] == [
         "efficientnet_lite0", "efficientnet_lite1"]
-    assert set(json.loads((out / "recipe.json").read_text())["dev"]) >= {"BLEU-4", "CIDEr"}
+    assert set(json.loads((out / "recipe.json").read_text())["dev"][str(data / "caps.csv")]) >= {"BLEU-4", "CIDEr"}
     for bad, says in (({"encoders": ["efficientnet_lite0"]}, "one of"),
                       ({"encoders": ["efficientnet_lite0", "resnet50"]}, "features of one size"),
                       ({"fine_tune_blocks": 1}, "must not fine-tune")):
@@ -110,3 +123,20 @@ def test_shipped_recipes_are_valid(monkeypatch):
     for c in configs:
         r = mod.Recipe(c, None)
         assert r.seeds and r.scst and r.cfg.data
+
+
+def test_info_prints_the_bundled_models_card(capsys, tmp_path):
+    """`captioner info`: the bundled model's card (name, data, recipe, scores with their decoding and command),
+    with no local paths; a file that is not a checkpoint gets one line."""
+    from captioner.cli import main
+    from captioner.inference import BUNDLED_MODEL
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    card = Captioner.load().meta["card"]
+    assert BUNDLED_MODEL.name.startswith(card["name"]) and card["name"] in out and card["recipe"] in out
+    assert all(f"{m['BLEU-4']:.2f}" in out and m_cmd["command"] in out
+               for m_cmd in card["scores"].values() for m in [m_cmd["metrics"]])
+    assert "runs/" not in out and "/root" not in out and "/work" not in out
+    (tmp_path / "x.safetensors").write_bytes(b"nonsense")
+    assert main(["info", str(tmp_path / "x.safetensors")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

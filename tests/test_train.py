@@ -11,7 +11,7 @@ from captioner.checkpoint import load_tensors
 from captioner.errors import CaptionerError
 from captioner.inference import Captioner
 from captioner.train import Interrupted, TrainConfig, resume_config, train
-from conftest import ROOT, TINY_WORDS, make_tiny_dataset
+from conftest import make_tiny_dataset
 
 
 
@@ -151,12 +151,12 @@ def test_fine_tuning_last_blocks_trains_and_ships_the_encoder(tiny_data, tmp_pat
                  "--workers", "0", "--quiet"]) == 0
     after, _ = load_tensors(tmp_path / "ft-scst" / "best.safetensors")
     assert torch.equal(after[f"encoder.{head}"], tensors[f"encoder.{head}"])
-    # eval/last_epoch.py writes the last epoch's tuned stage from the resumable state (it refused tuned runs before).
-    # A one-epoch run's best epoch is its last, so best.safetensors is moved off first: the script must not copy it.
+    # `captioner last-epoch` writes the last epoch's tuned stage from the resumable state. A one-epoch run's
+    # best epoch is its last, so best.safetensors is moved off first: the verb must not copy it.
     from captioner.checkpoint import save_tensors
     save_tensors(tmp_path / "ft" / "best.safetensors", {k: v + 0.5 if v.is_floating_point() else v for k, v in tensors.items()}, meta)
-    script = ROOT / "eval" / "last_epoch.py"
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ft")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "captioner", "last-epoch", str(tmp_path / "ft")], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     last, last_meta = load_tensors(tmp_path / "ft" / "last.safetensors")
     state, _ = load_tensors(tmp_path / "ft" / "state.safetensors")
@@ -327,54 +327,6 @@ def test_scst_update_trains_without_dropout_and_restores_the_mode():
     assert not m.training and any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
-def test_scst_references_cross_entropy_is_added_to_the_policy_loss():
-    """--xe-weight: with every reward equal (no policy gradient), the update is exactly the gradient of the
-    weight x the references' summed cross-entropy per caption, <unk> targets left out, dropout off."""
-    from captioner.model import DecoderConfig, ShowAndTell
-    from captioner.scst import policy_step, reference_batch, sample
-    from captioner.vocab import Vocabulary
-    torch.manual_seed(0)
-    v = Vocabulary.build(["a dog runs", "a cat sits"], min_count=1)
-    m = ShowAndTell(DecoderConfig(len(v), 8, 8, 8, dropout=0.5)).eval()
-    feats = torch.randn(2, 8)
-    caps, lens = sample(m, feats, v, 3, 6, torch.Generator().manual_seed(1))
-    refs = reference_batch([[v.encode("a dog runs"), v.encode("a zebra runs away")], [v.encode("a cat")]])
-    assert refs[0].tolist() == [0, 0, 1] and refs[2].tolist() == [5, 6, 4] and refs[1][2, 4:].eq(v.pad_id).all()
-    assert reference_batch([[], []]) is None  # images whose captions were all empty
-    before = [p.detach().clone() for p in m.parameters()]
-    policy_step(m, torch.optim.SGD(m.parameters(), lr=1.0), feats, caps, lens, torch.full((2, 3), 0.5), v)
-    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # equal rewards, no XE: no change
-    ref = ShowAndTell(m.cfg).eval()  # the expected gradient, from a copy in eval mode (no dropout)
-    ref.load_state_dict(m.state_dict())
-    logits, targets = ref(feats[refs[0]], refs[1], refs[2])
-    assert (targets == v.unk_id).sum() == 2  # "zebra" and "away"
-    (0.25 * torch.nn.functional.cross_entropy(logits, targets, ignore_index=v.unk_id, reduction="sum") / 3).backward()
-    policy_step(m, torch.optim.SGD(m.parameters(), lr=1.0), feats, caps, lens, torch.full((2, 3), 0.5), v,
-                refs, 0.25)
-    got = torch.cat([(p0 - p.detach()).flatten() for p0, p in zip(before, m.parameters())])
-    grad = torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros(q.numel()) for q in ref.parameters()])
-    scale = min(1.0, 5.0 / float(grad.norm()))  # policy_step clips the gradient's norm at 5
-    assert got.abs().max() > 0 and torch.allclose(got, grad * scale, atol=1e-6)
-
-
-def test_scst_meteor_reward(tiny_data, tmp_path):
-    from captioner.cli import main
-    from captioner.scst import MeteorReward
-    refs = [["a dog runs on grass", "a brown dog runs"], ["a cat sits on a mat", "a cat is sitting"]]
-    r = MeteorReward()
-    s = r(["a dog runs on the grass", "a banana phone"], refs)
-    r.close()
-    assert s.shape == (2,) and s[0] > 0.4 and 0 <= s[1] < 0.1
-    train(_cfg(tiny_data, tmp_path / "xe", epochs=1), progress=False)
-    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
-                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
-                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet", "--meteor-weight", "2"]) == 0
-    assert json.loads((tmp_path / "scst" / "config.json").read_text())["meteor_weight"] == 2.0
-    bad = subprocess.run([sys.executable, "-m", "captioner", "train", "--scst", "--meteor-weight", "-1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "expected a finite number >= 0" in bad.stderr and "Traceback" not in bad.stderr
-
-
 def _pooled(pool: str, vectors: int):
     """The default encoder with this pooling on two random images: its output starts with the global average."""
     from captioner.encoders import create_encoder
@@ -385,18 +337,6 @@ def _pooled(pool: str, vectors: int):
     assert enc.dim == vectors * 1280 and g.shape == (2, vectors * 1280)
     assert torch.allclose(g[:, :1280], fmap.mean((2, 3)), atol=1e-5)  # the global average first
     return enc, g, fmap
-
-
-def test_grid_pooling_reaches_the_checkpoint_and_says_where_things_are(tiny_data, tmp_path):
-    enc, g, fmap = _pooled("grid", 5)
-    assert torch.allclose(g[:, 5120:], fmap[:, :, 3:, 3:].mean((2, 3)), atol=1e-5)  # then the quadrants: bottom-right last
-    cache = tmp_path / "cache"
-    train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="grid", cache_dir=str(cache)), progress=False)
-    cap = Captioner.load(tmp_path / "run")
-    assert cap.encoder.pool == "grid" and cap.decoder.cfg.feature_dim == 6400 and cap.meta["encoder"]["pool"] == "grid"
-    assert cap.caption(sorted(tiny_data.glob("img*.jpg"))[:2])
-    with pytest.raises(CaptionerError, match="pooling"):
-        train(_cfg(tiny_data, tmp_path / "bad", pool="max"), progress=False)
 
 
 def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tmp_path):
@@ -421,39 +361,6 @@ def test_region_attention_trains_loads_and_averages_views_in_place(tiny_data, tm
     torch.testing.assert_close(both, (plain + align_view(mirror, "regions", replace(enc.preprocess, hflip=True))) / 2,
                                rtol=1e-4, atol=1e-4)
     assert all(cap.caption(imgs)) and all(c.text for c in cap.caption_full(imgs, views=2))
-
-
-def test_seven_by_seven_regions_are_the_whole_map_and_mirror_back(tiny_data, tmp_path):
-    """--pool regions7: Lite0's 7x7 map itself is the memory; a mirrored image's cells come back in place."""
-    from dataclasses import replace
-    from captioner.encoders import align_view
-    enc, g, fmap = _pooled("regions7", 50)
-    assert torch.allclose(g[:, 1280:].view(2, 7, 7, 1280), fmap.permute(0, 2, 3, 1), atol=1e-6)
-    cells = torch.arange(50.0).repeat_interleave(2).view(1, 100)  # cell (row, col) comes from (row, 6 - col)
-    back = align_view(cells, "regions7", replace(enc.preprocess, hflip=True)).view(50, 2)[:, 0]
-    assert back.tolist() == [0] + [1 + 7 * r + 6 - c for r in range(7) for c in range(7)]
-
-    train(_cfg(tiny_data, tmp_path / "run", epochs=1, pool="regions7", att_feed=True), progress=False)
-    cap = Captioner.load(tmp_path / "run")
-    assert cap.encoder.pool == "regions7" and cap.decoder.cfg.regions == 49 and cap.decoder.cfg.feature_dim == 64000
-    assert all(c.text for c in cap.caption_full(sorted(tiny_data.glob("img*.jpg"))[:2], views=2))
-
-
-def test_fed_back_attention_trains_goes_through_scst_and_loads(tiny_data, tmp_path):
-    """--att-feed end to end: the unrolled training pass, SCST's sampling and update, and the checkpoint
-    with its wider LSTM input; without regions it is refused before any work."""
-    from captioner.cli import main
-    with pytest.raises(CaptionerError, match="att_feed"):
-        _cfg(tiny_data, tmp_path / "x", att_feed=True).validate()
-    train(_cfg(tiny_data, tmp_path / "xe", epochs=1, pool="regions", att_feed=True), progress=False)
-    cap = Captioner.load(tmp_path / "xe")
-    assert cap.decoder.cfg.att_feed and cap.decoder.lstm.input_size == 16 + cap.decoder.cfg.att_dim
-    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
-                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
-                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet", "--xe-weight", "0.5"]) == 0
-    assert json.loads((tmp_path / "scst" / "config.json").read_text())["xe_weight"] == 0.5  # and regions' rows
-    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
-    assert all(c.text for c in Captioner.load(tmp_path / "scst").caption_full(imgs, views=2))
 
 
 def test_scheduled_sampling_ramps_up_over_the_epochs(tiny_data, tmp_path):
@@ -495,10 +402,10 @@ def test_ema_keeps_the_average_resumes_exactly_and_logs_the_raw_weights(tiny_dat
     assert torch.equal(best["decoder.out.weight"].float(), state["ema.module.out.weight"].float())
     assert torch.equal(raw["decoder.out.weight"].float(), state["model.out.weight"].float())
     assert not torch.equal(state["ema.module.out.weight"], state["model.out.weight"])
-    script = ROOT / "eval" / "last_epoch.py"  # the average's last epoch by default, the trained weights' with --raw
+    # `captioner last-epoch`: the average's last epoch by default, the trained weights' with --raw
     for extra, key in (([], "ema.module.out.weight"), (["--raw"], "model.out.weight")):
-        r = subprocess.run([sys.executable, str(script), str(tmp_path / "full"), "--out", str(tmp_path / "last.safetensors"),
-                            *extra], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-m", "captioner", "last-epoch", str(tmp_path / "full"), "--out",
+                            str(tmp_path / "last.safetensors"), *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         last, _ = load_tensors(tmp_path / "last.safetensors")
         assert torch.equal(last["decoder.out.weight"].float(), state[key].float()), extra
@@ -529,56 +436,17 @@ def test_ema_keeps_the_average_resumes_exactly_and_logs_the_raw_weights(tiny_dat
         _cfg(tiny_data, tmp_path / "x", ema=0.9, fine_tune_blocks=1).validate()
 
 
-def test_concepts_train_from_each_images_captions_go_through_scst_and_load(tiny_data, tmp_path):
-    """--concept-weight end to end: the bag of each training image's words is the concepts' target (the loss
-    falls), the checkpoint keeps the concepts, and SCST and captioning run from it."""
-    from captioner.cli import main
-    from captioner.model import NO_CONCEPT
-    with pytest.raises(CaptionerError, match="concept weight"):
-        _cfg(tiny_data, tmp_path / "x", concept_weight=-1.0).validate()
-    train(_cfg(tiny_data, tmp_path / "xe", epochs=10, lr=1e-2, pool="regions", concept_weight=0.5), progress=False)
-    cap = Captioner.load(tmp_path / "xe")
-    d = cap.decoder
-    assert d.cfg.concepts and d.concept_bias.shape == (len(cap.vocab) - NO_CONCEPT,)
-    # Training image i's captions hold three of the eight TINY_WORDS: its three likeliest concepts among them
-    # should mostly be those (chance: 9 of 24; bags taken from the wrong images: 3)
-    feats = cap.encode([tiny_data / f"img{i}.jpg" for i in range(8)])
-    with torch.no_grad():
-        p = torch.sigmoid(d.concept_logits(d.image_vector(feats)))
-    cols = torch.tensor([cap.vocab.stoi[w] - NO_CONCEPT for w in TINY_WORDS])
-    top = p[:, cols].topk(3).indices
-    hits = sum(int(((top[i] - i) % 8 < 3).sum()) for i in range(8))
-    assert hits >= 16
-    assert not Captioner.load(_train_plain(tiny_data, tmp_path)).decoder.cfg.concepts
-    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
-                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
-                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
-    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
-    assert all(Captioner.load(tmp_path / "scst").caption(imgs))
-
-
-def test_tied_words_train_go_through_scst_int8_storage_and_load(tiny_data, tmp_path):
-    """--tie-words end to end: the flag reaches the checkpoint, which has no H x V output layer, and a
-    model trained so goes through SCST, int8 bundling and captioning."""
-    from captioner.cli import main
-    from captioner.inference import bundle
-    assert main(["train", "--data", str(tiny_data / "caps.csv"), "--out", str(tmp_path / "xe"), "--epochs", "1",
-                 "--batch-size", "4", "--embed-dim", "16", "--hidden-dim", "16", "--min-count", "1",
-                 "--pool", "regions", "--tie-words", "--cache-dir", str(tiny_data / "cache"), "--workers", "0",
-                 "--quiet"]) == 0
-    names = set(load_tensors(tmp_path / "xe" / "best.safetensors")[0])
-    assert "decoder.out_proj.weight" in names and "decoder.out.weight" not in names
-    assert main(["train", "--scst", "--init", str(tmp_path / "xe" / "best.safetensors"), "--data",
-                 str(tiny_data / "caps.csv"), "--out", str(tmp_path / "scst"), "--epochs", "1", "--batch-size", "4",
-                 "--cache-dir", str(tiny_data / "cache"), "--workers", "0", "--quiet"]) == 0
-    bundle(tmp_path / "b.safetensors", [tmp_path / "scst", tmp_path / "xe"], storage="int8")
-    imgs = sorted(tiny_data.glob("img*.jpg"))[:2]
-    for path in (tmp_path / "scst", tmp_path / "b.safetensors"):
-        cap = Captioner.load(path)
-        assert all(m.cfg.tie_words for m in getattr(cap.decoder, "members", [cap.decoder]))
-        assert all(cap.caption(imgs))
-
-
 def _train_plain(tiny_data, tmp_path):
     train(_cfg(tiny_data, tmp_path / "plain", epochs=1), progress=False)
     return tmp_path / "plain"
+
+
+def test_limit_trains_on_a_sample_of_the_images_and_plots_from_one_epoch(tiny_data, tmp_path):
+    """--limit N: a quick try on N training images (3 captions each here: 4 images, batch 4, 3 steps an epoch);
+    the curves show the per-step training loss from the first epoch on."""
+    summary = train(_cfg(tiny_data, tmp_path / "run", epochs=1, limit=4), progress=False)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 3 and summary["epochs_run"] == 1 and summary["seconds"] > 0
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    with pytest.raises(CaptionerError, match="limit"):
+        _cfg(tiny_data, tmp_path / "x", limit=-1).validate()

@@ -24,15 +24,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from captioner.checkpoint import atomic_write_bytes, atomic_write_text, prepare_out_dir
-from captioner.encoders import ENCODER_DIMS, ENCODERS
+from captioner.checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, prepare_out_dir, save_tensors
+from captioner.config import RecipeConfig, TrainConfig
+from captioner.encoders import ENCODER_DIMS
 from captioner.errors import CaptionerError
-from captioner.inference import BUNDLE_STORAGES, bundle
-from captioner.train import RECIPE_KEYS, TrainConfig
-
-SCST_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "samples": "--samples",
-              "eval_beam": "--eval-beam", "meteor_weight": "--meteor-weight",
-              "xe_weight": "--xe-weight"}
+from captioner.inference import bundle
 
 
 def _rss_mb(roots: list[int]) -> float:
@@ -67,27 +63,13 @@ class Recipe:
         if not isinstance(conf, dict):
             raise CaptionerError(f"{config} must hold a JSON object")
         self.config = config
-        self.seeds = [int(s) for s in conf.get("seeds", [conf.get("seed", 0)])]
-        self.scst = conf.get("scst") or {}
-        self.keep = conf.get("keep", "ensemble")
-        if self.keep not in ("ensemble", "best"):
-            raise CaptionerError(f'"keep" in {config} must be "ensemble" or "best", not {self.keep!r}')
-        self.storage = conf.get("storage", "float16")
-        if self.storage not in BUNDLE_STORAGES:
-            raise CaptionerError(f'"storage" in {config} must be one of {", ".join(BUNDLE_STORAGES)}, '
-                                 f'not {self.storage!r}')
-        unknown = set(self.scst) - set(SCST_FLAGS)
-        if unknown:
-            raise CaptionerError(f"unknown scst option(s) in {config}: {', '.join(sorted(unknown))}")
+        self.recipe, options = RecipeConfig.split(conf, str(config))
+        self.seeds, self.scst, self.keep, self.storage = (self.recipe.seeds, self.recipe.scst, self.recipe.keep,
+                                                         self.recipe.storage)
         if cache_dir:
-            conf["cache_dir"] = cache_dir
-        self.cfg = TrainConfig.from_dict({k: v for k, v in conf.items() if k not in RECIPE_KEYS})
-        self.cfg.validate()
-        # "encoders": one CNN per seed; members that read different CNNs ship as one EncoderStack
-        encoders = conf.get("encoders", [self.cfg.encoder] * len(self.seeds))
-        if not isinstance(encoders, list) or len(encoders) != len(self.seeds) or any(e not in ENCODERS for e in encoders):
-            raise CaptionerError(f'"encoders" in {config} must name one of {", ".join(ENCODERS)} per seed '
-                                 f'({len(self.seeds)})')
+            options["cache_dir"] = cache_dir
+        self.cfg = TrainConfig.from_dict(options).validate()
+        encoders = self.recipe.encoders or [self.cfg.encoder] * len(self.seeds)
         if len(set(encoders)) > 1 and (self.cfg.fine_tune_blocks or len({ENCODER_DIMS[e] for e in encoders}) > 1):
             raise CaptionerError(f'"encoders" in {config}: members that read different CNNs must not fine-tune them '
                                  f'and need CNNs with features of one size')
@@ -113,7 +95,7 @@ class Recipe:
         for name, args in jobs:
             log = open(self.out / f"{name}.log", "a")
             print(f"  {name}: {' '.join(args)}", flush=True)
-            # Own session: Ctrl-C reaches the recipe only, which then stops each run once, cleanly.
+            # Own process group: Ctrl-C reaches the recipe only, which then stops each run once, cleanly.
             procs.append((name, subprocess.Popen([sys.executable, "-m", "captioner", *args], stdout=log,
                                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)))
         try:
@@ -173,9 +155,8 @@ class Recipe:
                 continue
             args = ["train", "--scst", "--init", str(self.out / f"xe-s{s}" / "best.safetensors"), *self._data_flags(),
                     "--out", str(run), "--seed", str(s), *self._common()]
-            for key, flag in SCST_FLAGS.items():
-                if key in self.scst:
-                    args += [flag, str(self.scst[key])]
+            for key, value in self.scst.items():
+                args += ["--" + key.replace("_", "-"), str(value)]
             jobs.append((f"scst-s{s}", args))
         self._run(jobs)
         for s in self.seeds:
@@ -216,9 +197,24 @@ class Recipe:
         what = bundle(self.out / "model.safetensors", [runs[s] for s in kept], storage=self.storage)
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
         res = score(self.out / "model.safetensors", "eval-dev")
-        decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "length_penalty", "precision")}
+        decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "rerank_fmean", "length_penalty",
+                                                    "block_trigrams", "views", "precision")}
+        self.write_card(self.out / "model.safetensors", res["by_source"], decoding)
         return {"metrics": res["by_source"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
                 "decoding": decoding}
+
+    def write_card(self, path: Path, scores: dict[str, dict], decoding: dict) -> None:
+        """The model's card (captioner/card.py) into its metadata: name, data, recipe, scores as measured."""
+        from captioner.card import make_card
+        tensors, meta = load_tensors(path)
+        name = self.recipe.name or f"captioner-{self.config.stem}"
+        trained_on = [_data_name(d) + (" train" if "dev" in _splits(d, self.cfg.images) else "")
+                      for d in self.cfg.sources if "train" in _splits(d, self.cfg.images)]
+        card = make_card(meta, name, trained_on,
+                         str(self.config), {_data_name(d) + " dev": {
+                             "metrics": m, "decoding": decoding,
+                             "command": f"captioner evaluate --data {d} --split dev"} for d, m in scores.items()})
+        save_tensors(path, tensors, {**meta, "card": card})
 
     def run(self, install: bool) -> None:
         t0 = time.time()
@@ -248,6 +244,17 @@ class Recipe:
             from captioner.inference import BUNDLED_MODEL
             atomic_write_bytes(BUNDLED_MODEL, (self.out / "model.safetensors").read_bytes())
             print(f"installed as {BUNDLED_MODEL}")
+
+
+def _data_name(path: str) -> str:
+    """A data source as people name it: its folder (flickr8k, coco-train-2k), not a local path."""
+    p = Path(path)
+    return p.parent.name if p.suffix else p.name
+
+
+def _splits(path: str, images: str | None) -> set[str]:
+    from captioner.data import load_dataset
+    return {r.split for r in load_dataset(path, images=images).records}
 
 
 def _interrupt(signum, frame):
