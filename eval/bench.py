@@ -1,463 +1,607 @@
 #!/usr/bin/env python
-"""Speed benchmarks on real Flickr8k data; every figure comes with a baseline run in the same process.
+"""Benchmarks of the captioner: every figure is measured beside a baseline in the same process, with their ratio.
 
-    python eval/bench.py            # ~5-8 minutes on 2 CPU cores
-    python eval/bench.py --quick    # ~2-3 minutes
-    python eval/bench.py --only 3,4 # some sections
+    python eval/bench.py <what> [options]        # python eval/bench.py <what> --help lists its options
+    python eval/bench.py latency --model bundled --model runs/f8k/best.safetensors --precision int8 float32
 
-1. training epoch from cached features vs the encoder run inside the loop (the tutorials' way), batch 64
-2. feature extraction (captioner.features.extract_features) vs the encoder's bare forward, same batch
-3. batched beam search (K=3) vs one image at a time (beam_search_reference), same captions?
-4. one uploaded image the demo's way (JPEG bytes -> decode, resize, encode, beam 3) vs a bare batch-1 forward
-5. peak memory (max RSS) of a `captioner train` epoch on Flickr8k, in a subprocess, vs the same without
-   heap trimming and with oneDNN's default kernel cache (captioner/memory.py)
-6. the training step with mixed precision (TrainConfig.amp: bf16 autocast on CPU) vs fp32
+latency        one photo captioned as shipped, per model/precision/views/threads/decoding: what a user waits for
+decode         batched beam search vs one image at a time, int8/bf16 vs float32 weights: why evaluation is fast
+features       extract_features vs the bare forward, each encoder vs the first: what caching and a bigger CNN cost
+train-step     a training step in fp32 vs --amp bf16, fine-tuning, the encoder in the loop: what each option costs
+memory         peak RSS of a short training run with vs without heap trimming: why long CPU runs do not grow
+gpu            COCO-sized costs on CUDA (step, SCST batch, extraction, beam search): what the COCO recipe costs
+decoding-grid  dev scores over length penalty x rerank F-mean share vs the shipped setting: where its values come from
+seeds          scores of several checkpoints, their mean and spread: how much of a difference the seed alone makes
+onnx           one photo captioned with onnxruntime (the model exported to ONNX) vs the torch path, same process
 
-Run from anywhere; it works from the repository root, so the dataset paths match the warm feature cache
-(~/.cache/captioner/features) that `captioner train --data ../shared/data/flickr8k` built. The figures depend
-on the machine and on whatever else runs on it: the header prints the load average at the start.
+Each subcommand prints its rows and appends them to --results-file (default eval/bench.csv; the header is written
+when the file is new): date, commit, subcommand, case, metric, value, unit, baseline_value, ratio (value divided
+by baseline_value), machine, notes. Timings are medians of --repeats runs taken in interleaved rounds, so that a
+change in the machine's load hits every case alike; the load average at the start is in each row's notes.
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import copy
+import csv
+import datetime
+import itertools
+import json
 import math
 import os
 import platform
-import resource
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from captioner import Decoding, consensus  # noqa: E402
+from captioner.config import PRECISIONS, VIEWS  # noqa: E402
 from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
-from captioner.encoders import attended_regions, create_encoder, parts_of  # noqa: E402
+from captioner.encoders import ENCODER_DIMS, POOLS, Trunk, TunedTop, attended_regions, create_encoder  # noqa: E402
+from captioner.evaluate import METRIC_ORDER, evaluate, view_features  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
-from captioner.images import load_image  # noqa: E402
-from captioner.inference import BUNDLED_MODEL, Captioner, load_model, resolve_precision  # noqa: E402
+from captioner.inference import Captioner, resolve_precision  # noqa: E402
+from captioner.metrics import all_metrics  # noqa: E402
 from captioner.model import DecoderConfig, ShowAndTell  # noqa: E402
-from captioner.train import _pad  # noqa: E402
-from captioner.vocab import Vocabulary  # noqa: E402
+from captioner.train import TrainConfig, optimizer_step  # noqa: E402
+from captioner.vocab import Vocabulary, tokenize  # noqa: E402
 
-BATCH = 64  # training batch (train/flickr8k.json)
-ENC_BATCH = 4  # extract_features' default encoder batch (fastest on CPU)
-WORKERS = min(2, max(0, (os.cpu_count() or 1) - 2))  # decoding workers extract_features uses on CPU (train's default 2)
+DATA = ROOT.parent / "shared" / "data"
+FLICKR8K, COCO_MINI = DATA / "flickr8k", DATA / "coco-val2017-mini"
+PHOTO = next(iter(sorted((DATA / "photos").glob("*.jpg"))), ROOT / "captioner" / "assets" / "examples" / "pizza.jpg")
+COLUMNS = ["date", "commit", "subcommand", "case", "metric", "value", "unit", "baseline_value", "ratio", "machine",
+           "notes"]
+COCO_STEPS, COCO_SCST_BATCHES = 8_856, 3_541  # a COCO Karpathy-train epoch: batches of 64 captions; of 32 images
+SHIPPED = Decoding()  # what the CLI, the demo and `captioner evaluate` decode with
+DECODINGS = {"shipped": {}, "beam3": dict(beam_size=3, rerank=0, block_trigrams=False, length_penalty=0.0)}
 
+
+# --- results ----------------------------------------------------------------------------------------------------
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
+    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()}; load average at start: {load}")
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
-def find_model(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    for p in [BUNDLED_MODEL, ROOT / "runs" / "f8k" / "best.safetensors",
-              *sorted(glob.glob("/tmp/runs/*/best.safetensors"), key=os.path.getmtime, reverse=True)]:
-        if Path(p).is_file():
-            return Path(p)
-    sys.exit("bench: no model found; pass --model CKPT")
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-# The first of the full-size photos: the 'uploaded' image of section 4 and of the other cost scripts.
-PHOTO = next(iter(sorted((ROOT.parent / "shared" / "data" / "photos").glob("*.jpg"))), None)
+@dataclass
+class Row:
+    case: str
+    metric: str
+    value: float
+    unit: str
+    baseline_value: float
+    notes: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline_value if self.baseline_value else math.nan
 
 
-def timed(fn, n: int, warmup: int = 1) -> list[float]:
+class Results:
+    """Prints each row and appends it to a CSV file, with the header when the file is new."""
+
+    def __init__(self, path: Path, subcommand: str):
+        self.path = path
+        self.stamp = [datetime.datetime.now().isoformat(timespec="seconds"), commit(), subcommand]
+        self.machine = machine()
+        self.load = f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+        print(f"{subcommand}: {self.machine}; torch {torch.__version__}; commit {self.stamp[1]}; {self.load}",
+              flush=True)
+
+    def add(self, case: str, metric: str, value: float, unit: str, baseline: float, notes: str = "") -> Row:
+        row = Row(case, metric, value, unit, baseline, "; ".join(n for n in (notes, self.load) if n))
+        print(f"  {case} | {metric} {value:.4g} {unit} | baseline {baseline:.4g} | ratio {row.ratio:.3f}"
+              + (f" | {notes}" if notes else ""), flush=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(COLUMNS)
+            w.writerow([*self.stamp, case, metric, f"{value:.6g}", unit, f"{baseline:.6g}", f"{row.ratio:.6g}",
+                        self.machine, row.notes])
+        return row
+
+
+# --- shared helpers ---------------------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+          device: str = "cpu") -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds of each function over `repeats` interleaved rounds, and each one's last result."""
+    last: dict[str, Any] = {}
     for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+        for name, fn in fns.items():
+            last[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            last[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}, last
 
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    return statistics.median(timed(fn, reps, warmup=warmup)) * 1e3
+def model_arg(m: str | None) -> str | None:
+    return None if m in (None, "bundled") else m
 
 
-def step_cost_args(doc: str, reps: int, extra=None) -> argparse.Namespace:
-    """The training-step cost scripts' command line (--reps, --vocab, and `extra(parser)`'s own), parsed;
-    the timing then runs on one thread, as each of the recipe's side-by-side runs has, from a fixed seed."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--reps", type=int, default=reps, help="timed steps per variant and round")
-    p.add_argument("--vocab", type=int, default=2600, help="vocabulary size (the recipe's is about 2600)")
-    if extra:
-        extra(p)
-    args = p.parse_args()
-    torch.set_num_threads(1)
+def model_name(m: str | None) -> str:
+    return "bundled" if model_arg(m) is None else str(m)
+
+
+def split_records(data: Path, split: str, limit: int) -> list:
+    recs = load_dataset(data, split=split).records
+    return recs[:limit] if limit else recs
+
+
+def caption_lengths(data: Path) -> list[int]:
+    """Token counts (with <start> and <end>) of a dataset's captions, cut as training cuts them."""
+    return [min(len(tokenize(c)), TrainConfig.max_len) + 2 for r in load_dataset(data).records for c in r.captions]
+
+
+def caption_batch(lengths: list[int], vocab: int, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random word ids shaped like `batch` real captions: <start> w.. <end>, zero-padded."""
+    lens = [rng.choice(lengths) for _ in range(batch)]
+    caps = torch.zeros(batch, max(lens), dtype=torch.long)
+    for i, n in enumerate(lens):
+        caps[i, :n] = torch.tensor([1] + [rng.randrange(4, vocab) for _ in range(n - 2)] + [2])
+    return caps, torch.tensor(lens)
+
+
+def recipe_decoder(cfg: dict, vocab: int, feature_dim: int, device: str) -> ShowAndTell:
+    """The decoder a training recipe (train/*.json) builds, in training mode, from seed 0."""
+    get = lambda k: cfg.get(k, getattr(TrainConfig, k))  # noqa: E731
     torch.manual_seed(0)
-    return args
+    return ShowAndTell(DecoderConfig(vocab, feature_dim, get("embed_dim"), get("hidden_dim"), get("num_layers"),
+                                     get("dropout"), attended_regions(get("pool")),
+                                     att_dropout=get("att_dropout"))).to(device).train()
 
 
-class Data:
-    """Flickr8k train/dev records, training captions as (feature row, ids), and the warm feature cache."""
-
-    def __init__(self, data: str, encoder):
-        ds = load_dataset(data)
-        self.train = [r for r in ds.records if r.split == "train"]
-        self.dev = [r for r in ds.records if r.split == "dev"]
-        self.vocab = Vocabulary.build((c for r in self.train for c in r.captions), 5)
-        t = time.perf_counter()
-        fs = extract_features(encoder, [r.image for r in self.train + self.dev], progress=True)
-        self.cache_seconds = time.perf_counter() - t
-        self.feats = torch.from_numpy(np.asarray(fs.features, dtype=np.float32))
-        valid = fs.valid_mask()
-        self.items = []
-        for row, r in enumerate(self.train):
-            if valid[row]:
-                for c in r.captions:
-                    ids = self.vocab.encode(c)
-                    if len(ids) > 2:
-                        self.items.append((row, ids[:21] + ([self.vocab.end_id] if len(ids) > 21 else [])))
-        self.paths = [r.image for r in self.train + self.dev]
+def beam_kwargs(beam: int) -> dict:
+    return dict(beam_size=beam, max_len=SHIPPED.max_len, length_penalty=SHIPPED.length_penalty, suppress_unk=True,
+                block_trigrams=SHIPPED.block_trigrams)
 
 
-# --- 1. training epoch ----------------------------------------------------------------------------------
-
-class ImageCaptions(torch.utils.data.Dataset):
-    """The tutorials' dataset: each item is a decoded, preprocessed image and its caption."""
-
-    def __init__(self, d: Data, order: list[int], preprocess):
-        self.d, self.order, self.pre = d, order, preprocess
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int):
-        row, ids = self.d.items[self.order[i]]
-        return self.pre(self.d.paths[row]), ids
+def batched_beam(decoder, feats: torch.Tensor, vocab: Vocabulary, beam: int, batch: int) -> list:
+    return [hs for i in range(0, len(feats), batch)
+            for hs in beam_search(decoder, feats[i:i + batch], vocab, **beam_kwargs(beam))]
 
 
-def collate(batch):
-    caps, lens = _pad([ids for _, ids in batch])
-    return torch.stack([x for x, _ in batch]), caps, lens
+def beam_rows(out: Results, cap: Captioner, feats: torch.Tensor, beam: int, batch: int, ref_images: int,
+              repeats: int, device: str) -> None:
+    """Batched beam search against beam_search_reference (one image, one beam at a time) on its share."""
+    ref = feats[:ref_images]
+    with torch.inference_mode():
+        batched_beam(cap.decoder, feats[:2], cap.vocab, beam, batch)  # warm-up
+        t, res = timed({"batched": lambda: batched_beam(cap.decoder, feats, cap.vocab, beam, batch),
+                        "reference": lambda: beam_search_reference(cap.decoder, ref, cap.vocab, **beam_kwargs(beam))},
+                       repeats, 0, device)
+    pairs = list(zip(res["batched"], res["reference"]))
+    same = sum(a[0].tokens == b[0].tokens for a, b in pairs)
+    diff = max(abs(a[0].logprob - b[0].logprob) for a, b in pairs)
+    out.add(f"beam {beam}, {len(feats)} images in calls of {batch}, {cap.precision} weights", "throughput",
+            len(feats) / t["batched"], "captions/s", len(ref) / t["reference"],
+            f"baseline: beam_search_reference on {len(ref)} images; same captions {same}/{len(ref)}, "
+            f"largest log-prob difference {diff:.1e}")
 
 
-def bench_training(d: Data, encoder, n_cached: int, n_online: int) -> dict:
-    """Mean seconds per batch of each way, timed in alternation (so a change in the machine's load hits both)."""
-    torch.manual_seed(0)
-    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim, regions=attended_regions(encoder.pool))).train()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    order = torch.randperm(len(d.items), generator=torch.Generator().manual_seed(0)).tolist()
-    steps = math.ceil(len(d.items) / BATCH)
+def extraction_rows(out: Results, enc, paths: list, batch: int, workers: int, repeats: int, device: str) -> None:
+    """extract_features into a fresh cache against the encoder's bare forward on pre-decoded batches."""
+    xs = torch.stack([enc.preprocess(p) for p in paths[:batch]]).to(device).contiguous(memory_format=torch.channels_last)
 
-    def step(f, caps, lens):
-        loss = model.loss(f, caps, lens)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optim.step()
+    def bare() -> None:  # as many images as extraction reads
+        with torch.inference_mode():
+            for i in range(0, len(paths), len(xs)):
+                enc(xs[:len(paths) - i])
 
-    # cached features: what captioner.train does (index the feature matrix, LSTM step)
-    batches = iter(range(10**9))
+    def extract() -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+            extract_features(enc, paths, tmp, batch_size=batch, workers=workers, progress=False, device=device)
+    t, _ = timed({"extract": extract, "bare": bare}, repeats, 1, device)
+    out.add(f"{enc.name} --pool {enc.pool}, {len(paths)} images, batch {batch}, up to {workers} workers",
+            "throughput", len(paths) / t["extract"], "images/s", len(paths) / t["bare"],
+            "baseline: the bare forward on pre-decoded tensors")
 
-    def cached_step():
-        b = next(batches) % steps
-        idx = order[b * BATCH:(b + 1) * BATCH]
-        caps, lens = _pad([d.items[i][1] for i in idx])
-        step(d.feats[[d.items[i][0] for i in idx]], caps, lens)
 
-    # the tutorials' way: a DataLoader decodes and preprocesses images (with the workers extract_features
-    # would use), the frozen CNN runs on every batch, then the same LSTM step. Two variants: the CNN on the
-    # whole batch of 64 in one call, as the tutorials do, and in chunks of 4, its fastest CPU batch (the
-    # strongest baseline this encoder allows).
-    loader = torch.utils.data.DataLoader(ImageCaptions(d, order, encoder.preprocess), batch_size=BATCH,
-                                         num_workers=WORKERS, collate_fn=collate)
-    it = iter(loader)
-
-    def online_step(chunk):
-        x, caps, lens = next(it)
+def train_step_rows(out: Results, cfg: dict, lengths: list[int], vocab: int, device: str, repeats: int,
+                    fine_tune: int = 0, in_loop: bool = False) -> dict[str, float]:
+    """A recipe's training step (optimizer_step, as train() runs it): float32 on cached features is the
+    baseline; then bf16 autocast, the last `fine_tune` encoder stages run on cached maps, the encoder in the loop."""
+    batch, pool = cfg.get("batch_size", 64), cfg.get("pool", "avg")
+    enc = create_encoder(cfg.get("encoder", TrainConfig.encoder), pool=pool).to(device)
+    size = enc.preprocess.size
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        feats = enc(images).half()  # the cache holds float16 rows
+    ways: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
+        "float32, cached features": (lambda: feats.float(), False),
+        "bf16 autocast (--amp), cached features": (lambda: feats.float(), True)}
+    if fine_tune:
+        trunk = Trunk(enc, fine_tune)
         with torch.no_grad():
-            x = x.contiguous(memory_format=torch.channels_last)
-            f = torch.cat([encoder(x[i:i + chunk]) for i in range(0, len(x), chunk)]).float()
-        step(f, caps, lens)
-    timed(cached_step, 0, warmup=3)
-    timed(lambda: online_step(BATCH), 0, warmup=1)
-    timed(lambda: online_step(ENC_BATCH), 0, warmup=1)
-    t_cached, t_online, t_chunked = [], [], []
-    for _ in range(n_online):  # in alternation, so a change in the machine's load hits all three
-        t_online += timed(lambda: online_step(BATCH), 1, warmup=0)
-        t_chunked += timed(lambda: online_step(ENC_BATCH), 1, warmup=0)
-        t_cached += timed(cached_step, n_cached // n_online, warmup=0)
-    del it
-    return {"steps": steps, "cached": statistics.mean(t_cached), "online": statistics.mean(t_online),
-            "chunked": statistics.mean(t_chunked), "n_cached": len(t_cached), "n_online": len(t_online)}
+            maps = trunk(images).half()
+        enc.freeze(fine_tune)
+        enc.train(True)
+        top = TunedTop(trunk)
+        ways[f"float32, last {fine_tune} stage(s) fine-tuned on cached maps"] = (lambda: top(maps.float()), False)
+    if in_loop:
+        ways["float32, the encoder run in the loop on the images"] = (lambda: enc(images).float(), False)
+    tuned = [p for p in enc.parameters() if p.requires_grad]
+    models = {w: recipe_decoder(cfg, vocab, enc.dim, device) for w in ways}
+    params = {w: list(m.parameters()) + (tuned if "cached features" not in w else []) for w, m in models.items()}
+    optims = {w: torch.optim.AdamW(params[w], lr=cfg.get("lr", 1e-3)) for w in ways}
+    rng, count = random.Random(0), itertools.count()
+    batches = [caption_batch(lengths, vocab, batch, rng) for _ in range(8)]
+
+    def step(way: str) -> None:
+        features, amp = ways[way]
+        caps, lens = batches[next(count) % len(batches)]
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            loss = models[way].loss(features(), caps.to(device), lens)
+        optimizer_step(loss, optims[way], params[way], None, cfg.get("grad_clip", 5.0))
+        loss.item()
+    t, _ = timed({w: (lambda w=w: step(w)) for w in ways}, repeats, 2, device)
+    base = t["float32, cached features"]
+    for w, s in t.items():
+        out.add(f"{w}, batch {batch}, hidden {models[w].cfg.hidden_dim}, --pool {pool}, vocabulary {vocab}",
+                "step_time", s * 1e3, "ms", base * 1e3,
+                f"median of {repeats}; random pixels and word ids, the dataset's caption lengths")
+    return t
 
 
-# --- 6. mixed precision -------------------------------------------------------------------------------
+# --- subcommands ------------------------------------------------------------------------------------------------
 
-def bench_amp(d: Data, encoder, n: int) -> dict:
-    """The cached-feature training step under bf16 autocast (TrainConfig.amp on CPU) vs fp32, alternating."""
-    torch.manual_seed(0)
-    model = ShowAndTell(DecoderConfig(len(d.vocab), encoder.dim, regions=attended_regions(encoder.pool))).train()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    order = torch.randperm(len(d.items), generator=torch.Generator().manual_seed(1)).tolist()
-    batches = iter(range(10**9))
-
-    def step(amp: bool):
-        b = next(batches)
-        idx = order[b * BATCH:(b + 1) * BATCH]
-        caps, lens = _pad([d.items[i][1] for i in idx])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = model.loss(d.feats[[d.items[i][0] for i in idx]], caps, lens)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optim.step()
-    for amp in (False, True):
-        timed(lambda: step(amp), 0, warmup=2)
-    t32, t16 = [], []
-    for _ in range(n):
-        t32 += timed(lambda: step(False), 1, 0)
-        t16 += timed(lambda: step(True), 1, 0)
-    return {"n": n, "fp32": statistics.median(t32), "bf16": statistics.median(t16)}
+def cmd_latency(a: argparse.Namespace, out: Results) -> None:
+    def case(cap: Captioner, views: int, threads: int, decoding: str) -> Callable[[], list]:
+        def run() -> list:
+            torch.set_num_threads(threads)
+            return cap.caption_full([a.image], views=views, **DECODINGS[decoding])
+        return run
+    caps = {(m, p): Captioner.load(model_arg(m), precision=p) for m in a.model for p in a.precision}
+    cases = {f"model={model_name(m)} precision={cap.precision} views={v} threads={t} decoding={d}": case(cap, v, t, d)
+             for ((m, _), cap), v, t, d in itertools.product(caps.items(), a.views, a.threads, a.decoding)}
+    t, res = timed(cases, a.repeats, a.warmup)
+    base = next(iter(t.values()))
+    for name, s in t.items():
+        out.add(name, "caption_time", s * 1e3, "ms", base * 1e3,
+                f"{Path(a.image).name}, median of {a.repeats}: \"{res[name][0].text}\"")
 
 
-# --- 2. feature extraction ------------------------------------------------------------------------------
+def cmd_decode(a: argparse.Namespace, out: Results) -> None:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cap = Captioner.load(model_arg(a.model), precision="float32")
+    recs = split_records(a.data, a.split, a.images)
+    feats, _, _ = view_features(cap, [r.image for r in recs], cache_dir=a.cache_dir, progress=False)
+    beam_rows(out, cap, feats, a.beam_size, a.batch, a.ref_images, a.repeats, "cpu")
+    decoders = {"float32": cap.decoder}
+    for p in map(resolve_precision, a.precision):
+        if p not in decoders:
+            decoders[p] = copy.deepcopy(cap.decoder)
+            set_precision(decoders[p], precision_dtype(p))
+    with torch.inference_mode():
+        t, res = timed({p: (lambda d=d: batched_beam(d, feats, cap.vocab, a.beam_size, a.batch))
+                        for p, d in decoders.items()}, a.repeats)
+        t1, _ = timed({p: (lambda d=d: beam_search(d, feats[:1], cap.vocab, **beam_kwargs(a.beam_size)))
+                       for p, d in decoders.items()}, a.repeats * 10, 3)
+    for p in decoders:
+        same = sum(x[0].tokens == y[0].tokens for x, y in zip(res[p], res["float32"]))
+        out.add(f"{p} decoder weights, beam {a.beam_size}, {len(feats)} images in calls of {a.batch}", "throughput",
+                len(feats) / t[p], "captions/s", len(feats) / t["float32"],
+                f"baseline: float32 weights; {same}/{len(feats)} captions identical to float32's")
+        out.add(f"{p} decoder weights, beam {a.beam_size}, one image", "decode_time", t1[p] * 1e3, "ms",
+                t1["float32"] * 1e3, f"baseline: float32 weights; median of {a.repeats * 10}")
 
-def bench_extraction(d: Data, encoder, n: int, chunk: int) -> dict:
-    """extract_features on `n` images in chunks (each into a fresh cache), alternating with the bare encoder
-    on as many pre-made images."""
-    xs = torch.stack([encoder.preprocess(p) for p in d.paths[:16]]).contiguous(memory_format=torch.channels_last)
 
-    def bare(m):
+def cmd_features(a: argparse.Namespace, out: Results) -> None:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    paths = [r.image for r in split_records(a.data, a.split, a.images)]
+    encs = {n: create_encoder(n, pool=a.pool) for n in a.encoders}
+    extraction_rows(out, encs[a.encoders[0]], paths, a.batch, a.workers, a.repeats, "cpu")
+    threads = torch.get_num_threads()
+    for batch, n_threads in ((1, 1), (32, threads)):  # as the demo runs it; as feature extraction can
+        xs = {n: torch.randn(batch, 3, e.preprocess.size, e.preprocess.size).contiguous(
+            memory_format=torch.channels_last) for n, e in encs.items()}
+        torch.set_num_threads(n_threads)
         with torch.inference_mode():
-            for i in range(0, m, ENC_BATCH):
-                j = i % len(xs)
-                encoder(xs[j:j + ENC_BATCH])
-    bare(ENC_BATCH)  # warm-up
-    t_bare = t_extract = diff = 0.0
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        for k, i in enumerate(range(0, n, chunk)):
-            paths = d.paths[i:i + chunk]
-            t = time.perf_counter()
-            bare(len(paths))
-            t_bare += time.perf_counter() - t
-            t = time.perf_counter()
-            fs = extract_features(encoder, paths, os.path.join(tmp, str(k)), progress=False)
-            t_extract += time.perf_counter() - t
-            assert not fs.bad and fs.features.shape == (len(paths), encoder.dim)
-            diff = max(diff, float(np.abs(np.asarray(fs.features, dtype=np.float32) - d.feats[i:i + chunk].numpy()).max()))
-    return {"n": n, "chunk": chunk, "extract": n / t_extract, "bare": n / t_bare, "diff": diff}
+            t, _ = timed({n: (lambda n=n: encs[n](xs[n])) for n in encs}, a.repeats, 1)
+        torch.set_num_threads(threads)
+        base = t[a.encoders[0]] / batch
+        for n, s in t.items():
+            out.add(f"{n} ({encs[n].preprocess.size} px) --pool {a.pool}, batch {batch}, {n_threads} thread(s)",
+                    "forward_time", s / batch * 1e3, "ms/image", base * 1e3,
+                    f"baseline: {a.encoders[0]}; bare forward to pooled features, median of {a.repeats}")
 
 
-# --- 3. beam search -------------------------------------------------------------------------------------
-
-def bench_beam(d: Data, model_path: Path, n_ref: int, n_batched: int) -> dict:
-    """Batched calls of 100 images (as `captioner evaluate`) alternating with the reference on a share of them."""
-    decoder, vocab, _, _ = load_model(model_path)
-    n_train = len(d.train)
-    feats = d.feats[n_train:n_train + n_batched]
-    chunks = list(range(0, len(feats), 100))
-    per_ref = math.ceil(n_ref / len(chunks))
-    batched, ref, t_batched, t_ref = [], [], 0.0, 0.0
-    for i in chunks:
-        t = time.perf_counter()
-        batched += beam_search(decoder, feats[i:i + 100], vocab, 3, 20, suppress_unk=True)
-        t_batched += time.perf_counter() - t
-        j = len(ref)
-        t = time.perf_counter()
-        ref += beam_search_reference(decoder, feats[j:min(j + per_ref, n_ref)], vocab, 3, 20, suppress_unk=True)
-        t_ref += time.perf_counter() - t
-    same = sum(a[0].tokens == b[0].tokens for a, b in zip(batched, ref))
-    close = max(abs(a[0].logprob - b[0].logprob) for a, b in zip(batched, ref))
-    out = {"n_ref": len(ref), "n_batched": len(feats), "batched": len(feats) / t_batched, "ref": len(ref) / t_ref,
-           "same": same, "close": close}
-    # what `captioner evaluate` runs here by default ("auto"): bfloat16 or int8 decoder weights, where it can
-    low_name = resolve_precision("auto")
-    if low_name != "float32":
-        set_precision(decoder, precision_dtype(low_name))
-        t = time.perf_counter()
-        low = [h for i in chunks for h in beam_search(decoder, feats[i:i + 100], vocab, 3, 20, suppress_unk=True)]
-        out.update(low=len(feats) / (time.perf_counter() - t), low_name=low_name,
-                   low_same=sum(a[0].tokens == b[0].tokens for a, b in zip(low, batched)))
-    return out
+def cmd_train_step(a: argparse.Namespace, out: Results) -> None:
+    torch.set_num_threads(a.threads)
+    cfg = json.loads(Path(a.config).read_text())
+    train_step_rows(out, cfg, caption_lengths(a.data), a.vocab, "cpu", a.repeats, a.fine_tune_blocks,
+                    a.encoder_in_loop)
 
 
-# --- 4. demo latency ------------------------------------------------------------------------------------
-
-def bench_demo(model_path: Path, image: Path, runs: int) -> dict:
-    from captioner.webapp import caption_images
-    cap = Captioner.load(model_path)
-    data = image.read_bytes()
-    parts = parts_of(cap.encoder)  # a stack's CNNs each read the image at their own size
-    draft = max(e.preprocess.size for e in parts)
-
-    def demo():  # what the demo's single-image tab does with an upload: load_image(draft) + caption_images
-        img = load_image(data, draft_size=draft)
-        return caption_images(cap, [img], "Beam search", 3, 20, 3, rerank=0)[0]  # the series RESULTS records
-    xs = [e.preprocess(data).unsqueeze(0).contiguous(memory_format=torch.channels_last) for e in parts]
-
-    def bare():
-        with torch.inference_mode():
-            for e, x in zip(parts, xs):
-                e(x)
-    t_demo, t_bare = [], []
-    for _ in range(3):
-        demo(), bare()
-    for _ in range(runs):  # interleaved, so both see the same machine load
-        t_demo += timed(demo, 1, 0)
-        t_bare += timed(bare, 1, 0)
-    return {"runs": runs, "demo": statistics.median(t_demo), "bare": statistics.median(t_bare), "precision": cap.precision,
-            "caption": demo()[0][0], "image": image, "size": load_image(data).size}
+MEMORY_CHILD = """import json, sys
+from captioner.memory import limit_onednn_cache
+limit_onednn_cache()
+from captioner.train import Interrupted, TrainConfig, train
+try:
+    train(TrainConfig(**json.loads(sys.argv[1])), progress=False)
+except Interrupted:
+    pass
+"""
+UNTRIMMED = {"CAPTIONER_TRIM_EVERY": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
 
 
-# --- 5. peak memory -------------------------------------------------------------------------------------
+def cmd_memory(a: argparse.Namespace, out: Results) -> None:
+    recipe = json.loads(Path(a.config).read_text())
+    names = {f.name for f in fields(TrainConfig)}
+    env = {k: v for k, v in os.environ.items() if k not in UNTRIMMED}
+    env.update({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})
+    runs = [("cache warm-up", {}), ("heap trimmed, oneDNN cache 16 kernels (shipped)", {}),
+            ("not trimmed, oneDNN cache 1024 kernels", UNTRIMMED)]
+    result: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        cfg = {**{k: v for k, v in recipe.items() if k in names}, "data": str(a.data), "limit": a.train_images,
+               "epochs": 1, "seed": 0, "dev_images": a.dev_images, "device": "cpu",
+               "cache_dir": a.cache_dir or (f"{tmp}/cache" if a.train_images else None)}
+        # one step fills the feature cache first; then the shipped way, while this process is still small
+        for k, (name, extra) in enumerate(runs):
+            run = {**cfg, "out": f"{tmp}/run-{k}", "stop_after_steps": a.steps if k else 1}
+            with open(f"{tmp}/log.txt", "w+") as log:
+                t = time.perf_counter()
+                p = subprocess.Popen([sys.executable, "-c", MEMORY_CHILD, json.dumps(run)], cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, env={**env, **extra})
+                _, status, usage = os.wait4(p.pid, 0)  # this child's own peak, not earlier children's
+                if os.waitstatus_to_exitcode(status):
+                    log.seek(0)
+                    sys.exit(f"bench memory: the training run failed:\n{log.read()[-2000:]}")
+            result[name] = (usage.ru_maxrss / 1024, time.perf_counter() - t)
+    base = result[runs[2][0]]
+    what = f"{a.train_images or 'all'} training images, {a.steps or 'an epoch of'} steps, {Path(a.config).name}"
+    for name, _ in runs[1:]:
+        out.add(f"{name}; {what}", "peak_rss", result[name][0], "MB", base[0], "baseline: not trimmed; the child's")
+        out.add(f"{name}; {what}", "run_time", result[name][1], "s", base[1], "baseline: not trimmed; warm cache")
 
-def bench_memory(data: str, steps: int, threads: int = 0, trim_every: str | None = None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        cmd = [sys.executable, "-m", "captioner", "train", "--config", "train/flickr8k.json", "--data", data,
-               "--epochs", "1", "--dev-images", "100",
-               "--out", os.path.join(tmp, "run"), "--quiet"] + (["--stop-after-steps", str(steps)] if steps else [])
-        with open(os.path.join(tmp, "log.txt"), "w+") as log:
-            t = time.perf_counter()
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
-                   **({"CAPTIONER_TRIM_EVERY": trim_every, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
-                      if trim_every is not None else {})}
-            p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-            _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (its process tree), not earlier children's
-            p.returncode = os.waitstatus_to_exitcode(status)
-            seconds = time.perf_counter() - t
-            parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-            log.seek(0)
-            tail = log.read().strip().splitlines()[-1:]
-    ok = p.returncode == 0 or (steps and p.returncode == 130)  # 130: stopped after --stop-after-steps, as asked
-    return {"cmd": " ".join(cmd[1:]), "rss_gb": usage.ru_maxrss * 1024 / 1e9, "ok": ok, "rc": p.returncode,
-            "parent_gb": parent,
-            "seconds": seconds, "tail": tail[0] if tail else ""}
+
+def cmd_gpu(a: argparse.Namespace, out: Results) -> None:
+    from captioner.scst import CiderD, policy_step, sample
+    dev, cfg = a.device, json.loads(Path(a.config).read_text())
+    t = train_step_rows(out, cfg, caption_lengths(a.coco), a.vocab, dev, a.repeats)
+    xe = t["bf16 autocast (--amp), cached features"]
+    print(f"  a COCO cross-entropy epoch ({COCO_STEPS:,} steps) at bf16: {xe * COCO_STEPS:.0f} s", flush=True)
+    # SCST: 32 images x 5 sampled captions and the policy step on the device; the CIDEr-D reward on the CPU
+    recs = load_dataset(a.coco).records
+    vocab = Vocabulary.build([c for r in recs for c in r.captions], 1)
+    dim = ENCODER_DIMS[cfg.get("encoder", TrainConfig.encoder)] * POOLS[cfg.get("pool", "avg")]
+    model = recipe_decoder(cfg, a.vocab, dim, dev)
+    optim = torch.optim.Adam(model.parameters(), lr=2e-5)
+    gen, cider = torch.Generator(device=dev).manual_seed(0), CiderD([r.captions for r in recs])
+    feats = torch.randn(32, dim, device=dev)
+    refs = [[" ".join(tokenize(c)) for c in recs[i % len(recs)].captions] for i in range(32) for _ in range(5)]
+    sampled: list[str] = []
+
+    def scst_model() -> None:
+        model.eval()  # as train_scst: sampled and updated without dropout
+        with torch.no_grad():
+            caps, lens = sample(model, feats, vocab, 5, 16, gen)
+        sampled[:] = [vocab.decode(c) for c in caps.tolist()]
+        policy_step(model, optim, feats, caps, lens, torch.rand(32, 5), vocab)
+    ts, _ = timed({"model": scst_model, "reward": lambda: cider(sampled, refs)}, a.repeats, 1, dev)
+    for part, what in (("model", "sampling and policy step on the device"), ("reward", "CIDEr-D reward on the CPU")):
+        out.add(f"SCST batch of 32 images x 5 samples, {what}", "batch_time", ts[part] * 1e3, "ms", xe * 1e3,
+                f"baseline: the bf16 cross-entropy step; a COCO epoch {ts[part] * COCO_SCST_BATCHES / 60:.1f} min; "
+                "random weights sample every caption to full length (an upper bound)")
+    images = sorted((a.coco / "images").glob("*.jpg"))[:a.images or None]
+    extraction_rows(out, create_encoder().to(dev), images * a.copies, 64, a.workers, 1, dev)
+    cap = Captioner.load(device=dev, precision="float32")
+    feats = cap.encode(images).float()
+    feats = feats.repeat(math.ceil(a.decode_images / len(feats)), 1)[:a.decode_images]
+    beam_rows(out, cap, feats, SHIPPED.beam_size, a.decode_images, a.ref_images, 1, dev)
 
 
-# --- report ---------------------------------------------------------------------------------------------
+def cmd_decoding_grid(a: argparse.Namespace, out: Results) -> None:
+    cap = Captioner.load(model_arg(a.model))
+    recs = split_records(a.data, a.split, a.limit)
+    feats, mask, _ = view_features(cap, [r.image for r in recs], a.views, a.cache_dir, progress=False)
+    refs = [r.captions for r, ok in zip(recs, mask) if ok]
+    lp0, share0, beam = SHIPPED.length_penalty, SHIPPED.rerank_fmean, SHIPPED.beam_size
+    penalties, shares = [lp0] + [x for x in a.length_penalty if x != lp0], [share0] + [x for x in a.fmean if x != share0]
+    base: dict[str, float] = {}
+    for lp in penalties:  # each beam decoded once with its whole n-best list; every share reranks those lists
+        nbest = [hs for i in range(0, len(feats), 100) for hs in beam_search(
+            cap.decoder, feats[i:i + 100], cap.vocab, **{**beam_kwargs(beam), "length_penalty": lp}, n_best=beam)]
+        for share in shares:
+            picks = [cap.vocab.decode(hs[consensus.rerank([h.tokens for h in hs], a.rerank, len(hs), share)[0]].tokens)
+                     for hs in nbest]
+            scores = all_metrics(picks, refs)[0]
+            base = base or scores
+            words = statistics.mean(len(p.split()) for p in picks)
+            for k in (m for m in METRIC_ORDER if m in scores):
+                out.add(f"length penalty {lp}, F-mean share {share}", k, scores[k], "score 0-100", base[k],
+                        f"baseline: shipped (length penalty {lp0}, share {share0}); beam {beam}, best of {a.rerank} "
+                        f"reranked; {len(refs)} {a.split} images, {a.views} view(s), {cap.precision}; "
+                        f"{words:.2f} words a caption")
 
-def main() -> int:
+
+def cmd_seeds(a: argparse.Namespace, out: Results) -> None:
+    scores = [evaluate(model_arg(m), a.data, a.split, Decoding(views=a.views), limit=a.limit, cache_dir=a.cache_dir,
+                       progress=False)["metrics"] for m in a.checkpoints]
+    base = scores[0]
+    note = (f"baseline: {model_name(a.checkpoints[0])}; {a.split} split{f', first {a.limit} images' if a.limit else ''}"
+            f", {a.views} view(s), shipped decoding")
+    for m, score in zip(a.checkpoints, scores):
+        for k in (k for k in METRIC_ORDER if k in score):
+            out.add(model_name(m), k, score[k], "score 0-100", base[k], note)
+    for k in (k for k in METRIC_ORDER if k in base and len(scores) > 1):
+        out.add(f"mean of {len(scores)}", k, statistics.mean(x[k] for x in scores), "score 0-100", base[k], note)
+        out.add(f"standard deviation of {len(scores)}", k, statistics.stdev(x[k] for x in scores), "score 0-100",
+                base[k], note)
+
+
+def cmd_onnx(a: argparse.Namespace, out: Results) -> None:
+    from captioner.onnx_export import export_onnx
+    from captioner.onnx_runtime import OnnxCaptioner
+    if a.threads:  # onnxruntime gets as many (0: each library's own default)
+        torch.set_num_threads(a.threads)
+    settings = DECODINGS[a.decoding]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = a.onnx_dir or Path(tmp)
+        if not a.onnx_dir:
+            export_onnx(model_arg(a.model), folder)
+        cap = Captioner.load(model_arg(a.model), precision=a.precision)
+        ort_cap = OnnxCaptioner(folder, threads=a.threads)
+        t, res = timed({"torch": lambda: cap.caption_full([a.image], **settings),
+                        "onnx": lambda: ort_cap.caption_full([a.image], **settings)}, a.repeats, a.warmup)
+    same = res["torch"][0].text == res["onnx"][0].text
+    note = f"{Path(a.image).name}, median of {a.repeats}, decoding={a.decoding}"
+    out.add(f"model={model_name(a.model)} torch precision={cap.precision} threads={a.threads}", "caption_time",
+            t["torch"] * 1e3, "ms", t["torch"] * 1e3, f"{note}: \"{res['torch'][0].text}\"")
+    out.add(f"model={model_name(a.model)} onnxruntime float32 threads={a.threads}", "caption_time", t["onnx"] * 1e3,
+            "ms", t["torch"] * 1e3, f"{note}; baseline: torch; same caption as torch: {same}")
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=os.path.relpath(ROOT.parent / "shared" / "data" / "flickr8k", ROOT),
-                    help="Flickr8k folder (relative to the repository root, as the feature cache was built)")
-    ap.add_argument("--model", help="checkpoint (default: bundled model, else runs/f8k, else /tmp/runs/*)")
-    ap.add_argument("--image", help="the 'uploaded' image for section 4 (default: the first of ../shared/data/photos, "
-                                    "full-size Flickr photos; else the first Flickr8k dev image)")
-    ap.add_argument("--quick", action="store_true", help="fewer batches, images and runs")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated sections to run")
-    args = ap.parse_args()
-    os.chdir(ROOT)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    only = {int(s) for s in args.only.split(",") if s.strip()}
-    q = args.quick
-    model_path = find_model(args.model)
-    print(machine())
-    print(f"model: {model_path}; data: {args.data}\n", flush=True)
-    rows, notes = [], []
+    sub = ap.add_subparsers(dest="what", required=True, metavar="what")
 
-    def add(n, what, value, base, ratio, target, ok):
-        status = "-" if ok is None else "ok" if ok else "**MISSED**"
-        rows.append((n, what, value, base, ratio, target, status))
-        print(f"  [{n}] {what}: {value} vs {base} -> {ratio} ({status})", flush=True)
+    def command(name: str, fn: Callable, text: str, threads: int | None = 0, repeats: int = 0, model: bool = False,
+                data: bool = False) -> argparse.ArgumentParser:
+        """A subcommand with --results-file, and the options it shares with others."""
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(fn=fn)
+        p.add_argument("--results-file", type=Path, default=ROOT / "eval" / "bench.csv",
+                       help="CSV the rows are appended to (default: eval/bench.csv)")
+        if threads is not None:
+            p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads}; 0: torch's)")
+        if repeats:
+            p.add_argument("--repeats", type=int, default=repeats, help=f"timed runs of each case (default {repeats})")
+        if model:
+            p.add_argument("--model", help="checkpoint (default: the bundled model)")
+        if data:
+            p.add_argument("--data", type=Path, default=FLICKR8K, help="dataset (default: ../shared/data/flickr8k)")
+            p.add_argument("--split", default="dev", help="its split (default: dev)")
+            p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
+        return p
 
-    if 5 in only:
-        steps = 100 if q else 0
-        r = bench_memory(args.data, steps, args.threads)
-        b = bench_memory(args.data, steps, args.threads, trim_every="0")
-        add(5, "peak memory (max RSS), Flickr8k training run (the recipe's model)",
-            f"{r['rss_gb']:.2f} GB ({r['seconds']:.0f} s)", f"{b['rss_gb']:.2f} GB ({b['seconds']:.0f} s; heap not "
-            f"trimmed, oneDNN's default 1024-kernel cache)", f"{b['rss_gb'] / r['rss_gb']:.2f}x less, {r['seconds'] / b['seconds']:.2f}x "
-            f"the time", "< 2 GB", r["rss_gb"] < 2 and r["ok"])
-        notes.append(f"[5] `{r['cmd']}` (warm feature cache; exit {r['rc']} and {b['rc']}). Max RSS of each "
-                     f"child from os.wait4, run first, while this process was small ({r['parent_gb']:.2f} GB): a "
-                     f"child's max RSS includes the parent's pages it was forked with. Last line: {r['tail']}")
-    from captioner.checkpoint import load_tensors
-    encoder = create_encoder(pool=load_tensors(model_path)[1]["encoder"].get("pool", "avg"))  # the model's features
-    d = Data(args.data, encoder) if only & {1, 2, 3, 4, 6} else None
-    if d:
-        print(f"{len(d.train)} train images ({len(d.items)} captions), {len(d.dev)} dev; feature cache read "
-              f"in {d.cache_seconds:.1f}s", flush=True)
+    p = command("latency", cmd_latency, "one photo's captioning time per model and setting", None, 20)
+    p.add_argument("--model", action="append", help="checkpoint, or 'bundled'; repeat it, the first is the baseline")
+    p.add_argument("--image", default=str(PHOTO), help="photo (default: the first of ../shared/data/photos)")
+    p.add_argument("--views", type=int, nargs="+", choices=VIEWS, default=[1], help="test views averaged")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"], help="decoder weights")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads (default: 1)")
+    p.add_argument("--decoding", nargs="+", choices=list(DECODINGS), default=["shipped"],
+                   help="shipped (beam 10, reranked, trigram blocking) or beam3 (plain beam 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each case first")
 
-    if 1 in only:
-        r = bench_training(d, encoder, 20 if q else 60, 2 if q else 5)
-        e_c, e_o, e_k = r["cached"] * r["steps"], r["online"] * r["steps"], r["chunked"] * r["steps"]
-        add("1", f"training epoch, batch {BATCH} ({r['steps']} batches, extrapolated)",
-            f"{e_c:.0f} s ({r['cached'] * 1e3:.0f} ms/batch, cached features)",
-            f"{e_o:.0f} s ({r['online']:.2f} s/batch, encoder in the loop on the batch of {BATCH}, as the tutorials)",
-            f"{e_o / e_c:.1f}x faster", ">= 10x", e_o / e_c >= 10)
-        add("1b", "same, against the strongest baseline",
-            f"{e_c:.0f} s", f"{e_k:.0f} s ({r['chunked']:.2f} s/batch, encoder in the loop in chunks of {ENC_BATCH})",
-            f"{e_k / e_c:.1f}x faster", ">= 10x", e_k / e_c >= 10)
-        notes.append(f"[1] {r['n_cached']} cached batches and {r['n_online']} of each encoder-in-the-loop variant, "
-                     f"timed in alternation after warm-up, times {r['steps']} batches per epoch. The baselines decode "
-                     f"images with {WORKERS} DataLoader workers (0 = inline). The cache itself costs one extraction "
-                     f"pass (train+dev images at the section-2 rate) once, not per epoch.")
-    if 2 in only:
-        r = bench_extraction(d, encoder, 160 if q else 400, 40 if q else 100)
-        add(2, f"feature extraction, {r['n']} Flickr8k images, batch {ENC_BATCH}",
-            f"{r['extract']:.0f} img/s (extract_features, {WORKERS} workers)", f"{r['bare']:.0f} img/s (bare encoder forward)",
-            f"{r['extract'] / r['bare']:.0%} of bare", ">= 80%", r["extract"] / r["bare"] >= 0.8)
-        notes.append(f"[2] extract_features into empty temporary caches, {r['chunk']} images per call (JPEG "
-                     f"decode + resize, fp16 memmap writes, resumable index), alternating with the encoder alone on "
-                     f"as many pre-made tensors. "
-                     f"Largest difference from the warm cache's features: {r['diff']:.1e}.")
-    if 3 in only:
-        r = bench_beam(d, model_path, 50 if q else 200, 200 if q else 1000)
-        add(3, f"beam search K=3, Flickr8k dev",
-            f"{r['batched']:.0f} captions/s (batched, {r['n_batched']} images)",
-            f"{r['ref']:.1f} captions/s (beam_search_reference, {r['n_ref']} images)",
-            f"{r['batched'] / r['ref']:.1f}x faster", ">= 8x, same captions",
-            r["batched"] / r["ref"] >= 8 and r["same"] == r["n_ref"])
-        notes.append(f"[3] identical captions: {r['same']}/{r['n_ref']} (largest log-prob difference "
-                     f"{r['close']:.1e}); batched decoding in calls of 100 images, as `captioner evaluate`.")
-        if "low" in r:
-            add("3b", f"same, {r['low_name']} decoder weights (the default on this CPU)", f"{r['low']:.0f} captions/s",
-                f"{r['ref']:.1f} captions/s (the float32 reference above)", f"{r['low'] / r['ref']:.1f}x faster",
-                ">= 8x", r["low"] / r["ref"] >= 8)
-            notes.append(f"[3b] {r['low_same']}/{r['n_batched']} captions identical to float32 batched decoding "
-                         f"({r['low_name']} rounds the products; BLEU is compared in eval/RESULTS.md); "
-                         f"{r['low'] / r['batched']:.2f}x float32's batched rate.")
-    if 4 in only:
-        image = Path(args.image or PHOTO or d.dev[0].image)
-        r = bench_demo(model_path, image, 15 if q else 30)
-        ratio = r["demo"] / r["bare"]
-        add(4, "one uploaded image, demo path, beam 3 (median)", f"{r['demo'] * 1e3:.1f} ms",
-            f"{r['bare'] * 1e3:.1f} ms (bare encoder, batch 1)", f"{ratio:.2f}x", "<= 40 ms, <= 3.5x",
-            r["demo"] <= 0.040 and ratio <= 3.5)
-        notes.append(f"[4] {r['precision']} decoder weights; {r['runs']} warm runs each, interleaved; image {r['image']} ({r['size'][0]}x{r['size'][1]} "
-                     f"JPEG bytes): decode (draft) + resize + normalise + encode + beam 3 with 3 alternatives "
-                     f"-> \"{r['caption']}\".")
-    if 6 in only:
-        r = bench_amp(d, encoder, 8 if q else 20)
-        add(6, f"training step, batch {BATCH}, --amp (bf16 autocast, CPU)", f"{r['bf16'] * 1e3:.0f} ms",
-            f"{r['fp32'] * 1e3:.0f} ms (fp32, the default)", f"{r['fp32'] / r['bf16']:.1f}x faster", "-", None)
-        notes.append(f"[6] median of {r['n']} alternating steps each on cached features. bf16 changes the numbers "
-                     f"(not bit-identical to fp32): see tests/test_distributed.py for the loss comparison.")
+    p = command("decode", cmd_decode, "batched beam search vs one image at a time; decoder precisions vs float32",
+                repeats=3, model=True, data=True)
+    p.add_argument("--images", type=int, default=200, help="images decoded batched")
+    p.add_argument("--ref-images", type=int, default=20, help="images decoded one at a time")
+    p.add_argument("--batch", type=int, default=100, help="images per batched call (as captioner evaluate)")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["auto"], help="compared with float32")
 
-    print("\n| # | measurement | result | baseline (same process, same data) | ratio | target | status |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in sorted(rows, key=lambda r: str(r[0])):
-        print("| " + " | ".join(str(c) for c in row) + " |")
-    print()
-    for n in sorted(notes):
-        print(n)
-    return 0 if all(r[-1] != "**MISSED**" for r in rows) else 1
+    p = command("features", cmd_features, "feature extraction vs bare forward; each encoder's forward", repeats=5,
+                data=True)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--encoders", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"],
+                   help="the first is the baseline")
+    p.add_argument("--pool", choices=list(POOLS), default="regions")
+    p.add_argument("--batch", type=int, default=4, help="extraction batch (extract_features' CPU default)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding workers")
+
+    p = command("train-step", cmd_train_step, "a training step: fp32 vs --amp bf16, fine-tuning, encoder in the loop",
+                threads=1, repeats=5)
+    p.add_argument("--config", default=str(ROOT / "train" / "flickr8k.json"), help="recipe whose decoder is timed")
+    p.add_argument("--data", type=Path, default=FLICKR8K, help="dataset whose caption lengths are used")
+    p.add_argument("--vocab", type=int, default=2541, help="vocabulary size (the bundled model's)")
+    p.add_argument("--fine-tune-blocks", type=int, default=0, help="also time fine-tuning the last N stages")
+    p.add_argument("--encoder-in-loop", action="store_true", help="also time the whole encoder run in the loop")
+
+    p = command("memory", cmd_memory, "peak RSS of a short training run, with vs without heap trimming", data=True)
+    p.add_argument("--config", default=str(ROOT / "train" / "flickr8k.json"), help="recipe trained")
+    p.add_argument("--train-images", type=int, default=0, help="train on this many images (0: all)")
+    p.add_argument("--dev-images", type=int, default=100, help="dev images scored at the epoch's end")
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: one epoch)")
+
+    p = command("gpu", cmd_gpu, "COCO-sized costs on a CUDA device", None, repeats=50)
+    p.add_argument("--coco", type=Path, default=COCO_MINI, help="COCO captions and images")
+    p.add_argument("--config", default=str(ROOT / "train" / "coco.json"), help="recipe whose decoder is timed")
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke run")
+    p.add_argument("--vocab", type=int, default=10_000, help="vocabulary size (COCO's at min count 5: ~9,500)")
+    p.add_argument("--images", type=int, default=0, help="COCO images read (0: all in --coco)")
+    p.add_argument("--copies", type=int, default=16, help="times the extraction reads each image")
+    p.add_argument("--workers", type=int, default=8, help="image decoding workers")
+    p.add_argument("--decode-images", type=int, default=5000, help="images beam-searched in one call")
+    p.add_argument("--ref-images", type=int, default=100, help="images decoded one at a time")
+
+    p = command("decoding-grid", cmd_decoding_grid, "scores over length penalty x rerank F-mean share", None,
+                model=True, data=True)
+    p.add_argument("--limit", type=int, default=0, help="first N images of the split (0: all)")
+    p.add_argument("--views", type=int, choices=VIEWS, default=1, help="test views averaged")
+    p.add_argument("--length-penalty", type=float, nargs="+", default=[0.5, SHIPPED.length_penalty, 0.9])
+    p.add_argument("--fmean", type=float, nargs="+", default=[0.0, SHIPPED.rerank_fmean, 1.0], help="F-mean's share")
+    p.add_argument("--rerank", type=int, default=SHIPPED.rerank, help="the beam's best that compete (0 or 1: none)")
+
+    p = command("seeds", cmd_seeds, "mean and spread of several checkpoints' scores", None, data=True)
+    p.add_argument("checkpoints", nargs="+", help="checkpoints or run folders, one per seed (or 'bundled'; an ensemble "
+                                                  "from train/bundle.py scores a pair); the first is the baseline")
+    p.add_argument("--limit", type=int, default=0, help="first N images of the split (0: all)")
+    p.add_argument("--views", type=int, choices=VIEWS, default=1, help="test views averaged")
+
+    p = command("onnx", cmd_onnx, "one photo's captioning time: onnxruntime vs torch", 1, 20, model=True)
+    p.add_argument("--image", default=str(PHOTO), help="photo (default: the first of ../shared/data/photos)")
+    p.add_argument("--onnx-dir", type=Path, help="a `captioner export --format onnx` folder (default: export "
+                                                 "--model to a temporary one first)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32", help="the torch path's decoder weights "
+                                                                            "(default: float32, as exported)")
+    p.add_argument("--decoding", choices=list(DECODINGS), default="shipped", help="shipped or beam3")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each case first")
+
+    a = ap.parse_args(argv)
+    if a.what == "latency":
+        a.model = a.model or [None]
+    if a.what == "gpu" and a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench gpu: needs a CUDA device, and this machine has none (--device cpu runs it as a smoke test)",
+              file=sys.stderr)
+        return 2
+    a.fn(a, Results(a.results_file, a.what))
+    return 0
 
 
 if __name__ == "__main__":

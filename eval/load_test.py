@@ -6,10 +6,11 @@
 The demo server runs in a child process (so its memory is measured alone), started as `captioner demo`
 starts it (`captioner.webapp.launch(..., block=False)`) on 127.0.0.1 only. Every client thread has its own
 `gradio_client.Client` and sends its requests one after another through the `/caption` endpoint with the
-page's default settings (beam search with captioner/defaults.py's beam and reranking, 3 alternatives). Every `--bad-every`-th request uploads a
-bad file instead (alternately a text file named .jpg and a JPEG cut to a third of its bytes), which must
-come back as a clear error message, not a crash. Good requests must all succeed. The run is bounded in
-requests (clients x requests) and in time (`--timeout` overall, `--request-timeout` per request).
+page's default settings (beam search with the shipped beam and reranking, captioner.Decoding, 3 alternatives).
+Every `--bad-every`-th request uploads a bad file instead (alternately a text file named .jpg and a JPEG cut to
+a third of its bytes), which must come back as a clear error message, not a crash. Good requests must all
+succeed. The run is bounded in requests (clients x requests) and in time (`--timeout` overall,
+`--request-timeout` per request).
 
 Exit status: 0 when every good request got a caption, every bad one a clear message, the server still
 answers afterwards and its RSS grew by less than `--max-rss-growth-mb`; 1 otherwise.
@@ -22,7 +23,6 @@ import os
 import platform
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from captioner.defaults import PRECISION, PRECISIONS  # noqa: E402  (no torch: the client side stays light)
+from captioner.config import PRECISIONS, Decoding  # noqa: E402  (no torch: the client side stays light)
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 BAD_MESSAGES = {"not_image": "not an image file", "truncated": "corrupt or truncated image"}
 
@@ -137,7 +137,7 @@ def percentile(xs: list[float], q: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (default: CAPTIONER_TEST_MODEL, bundled model, runs/f8k)")
-    p.add_argument("--precision", choices=PRECISIONS, default=PRECISION, help="decoder weights (as captioner caption)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="decoder weights (as captioner caption)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=20, help="requests per client")
     p.add_argument("--bad-every", type=int, default=4, help="every N-th request uploads a bad file (0 = none)")
@@ -257,14 +257,14 @@ def main() -> int:
         ("server still answers afterwards", "yes" if still_serving else "NO"),
         ("result", "PASS" if passed else "FAIL"),
     ]
-    from captioner import defaults
+    shipped = Decoding()
     command = "python eval/load_test.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = [
         "# Demo load test", "",
         f"Command: `{command.strip()}`", "",
         f"Model: `{model or 'bundled'}`; server: `captioner.webapp.launch` on {url} (loopback only), "
-        f"default settings (beam search, beam {defaults.BEAM_SIZE}, its {defaults.RERANK} best reranked, 3 alternatives, decoder weights "
-        f"{served_precision}), queue concurrency 2; every "
+        f"default settings (beam search, beam {shipped.beam_size}, its {shipped.rerank} best reranked, 3 alternatives, "
+        f"decoder weights {served_precision}), queue concurrency 2; every "
         f"{args.bad_every}th request uploads a bad file (text named .jpg, or a JPEG cut to a third)"
         + (f"; server environment: {', '.join(args.server_env)}." if args.server_env else "."),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "

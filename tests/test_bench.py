@@ -1,0 +1,41 @@
+"""eval/bench.py: the smallest latency run writes a well-formed results row."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "eval" / "bench.py"
+PHOTO = ROOT / "captioner" / "assets" / "examples" / "pizza.jpg"
+COLUMNS = ["date", "commit", "subcommand", "case", "metric", "value", "unit", "baseline_value", "ratio", "machine",
+           "notes"]
+
+
+def run_latency(results: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), "latency", "--repeats", "1", "--warmup", "0",
+                           "--image", str(PHOTO), "--results-file", str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason="bundled example photo missing")
+def test_latency_appends_rows_with_header_once(tmp_path: Path) -> None:
+    results = tmp_path / "bench.csv"
+    for _ in range(2):
+        done = run_latency(results)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with open(results, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == COLUMNS  # the header once, then one row per run
+    assert len(rows) == 3 and all(len(r) == len(COLUMNS) for r in rows)
+    row = dict(zip(COLUMNS, rows[1]))
+    assert row["subcommand"] == "latency" and row["metric"] == "caption_time" and row["unit"] == "ms"
+    assert row["commit"] and row["machine"] and "cores" in row["machine"]
+    value, baseline, ratio = float(row["value"]), float(row["baseline_value"]), float(row["ratio"])
+    assert value > 0 and baseline > 0
+    assert math.isfinite(ratio) and ratio > 0 and ratio == pytest.approx(1.0)  # the baseline against itself
+    assert "model=bundled" in row["case"] and "pizza.jpg" in row["notes"]
