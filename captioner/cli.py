@@ -1,4 +1,4 @@
-"""The `captioner` command: caption, evaluate, train, demo, info, last-epoch.
+"""The `captioner` command: caption, evaluate, train, demo, info, last-epoch, export.
 
 Plain argparse; the options of `train`, and the decoding options of `caption` and `evaluate`, are generated
 from the dataclasses in config.py, so each is defined once. Parsing and --help import no torch: each command
@@ -11,15 +11,15 @@ import json
 import math
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 
-from .config import PRECISIONS, Decoding, RecipeConfig, ScstConfig, TrainConfig
+from .config import MAX_BEAM, PRECISIONS, Decoding, RecipeConfig, ScstConfig, TrainConfig
 from .errors import CaptionerError
 
 
 # ------------------------------------------------------------------------------------- option parsing
-def _number(kind: type):
-    """argparse type: a whole or finite number, with a one-line message otherwise."""
+def _number(kind: type, lo: float | None = None, hi: float | None = None):
+    """argparse type: a whole or finite number within [lo, hi], with a one-line message otherwise."""
     def parse(s: str):
         try:
             v = kind(s)
@@ -28,6 +28,12 @@ def _number(kind: type):
                                              f"got {s!r}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if kind is float and lo is not None and hi is not None:
+                want = f"from {lo:g} to {hi:g}"
+            else:
+                want = " and ".join(f"{op} {b:g}" for op, b in ((">=", lo), ("<=", hi)) if b is not None)
+            raise argparse.ArgumentTypeError(f"expected a number {want}, got {s}")
         return v
     return parse
 
@@ -47,12 +53,13 @@ def add_options(parser: argparse.ArgumentParser, cls, typed_only: bool = False) 
             continue
         default = f.default if f.default is not MISSING else None
         kw = dict(f.metadata.get("flag", {}))
+        bounds = kw.pop("lo", None), kw.pop("hi", None)
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
             help_text += " (default: on)" if default else ""
         elif kw.get("action") != "append":
-            kw.setdefault("type", _number(float) if isinstance(default, float) or kw.get("nargs") else
-                          _number(int) if isinstance(default, int) else str)
+            kw.setdefault("type", _number(float, *bounds) if isinstance(default, float) or kw.get("nargs") else
+                          _number(int, *bounds) if isinstance(default, int) else str)
         if "choices" in kw:
             kw["type"] = type(kw["choices"][0])
         parser.add_argument("--" + f.name.replace("_", "-"), default=None if typed_only else default,
@@ -79,7 +86,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for path in args.images:
         try:
-            c = cap.caption_full([path], decoding, n_best=args.n_best)[0]
+            c = cap.caption_full([path], decoding, n_best=args.n_best, attention=bool(args.attention))[0]
         except ImageError as e:
             failed += 1
             print(f"captioner: error: {e}", file=sys.stderr)
@@ -90,6 +97,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
             if args.n_best > 1:
                 for text, lp in c.alternatives:
                     print(f"    {lp:8.3f}  {text}")
+        if args.attention:
+            from pathlib import Path
+            from .attention import plot
+            out = Path(args.attention)
+            if len(args.images) > 1:  # one figure per image: the image's place in the list names it
+                out = out.with_name(f"{out.stem}-{len(results) + failed}{out.suffix}")
+            plot(path, c.attention, out)
+            print(f"wrote {out}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": p, "caption": c.text, "logprob": round(c.logprob, 4),
                            **({"alternatives": [{"caption": t, "logprob": round(lp, 4)} for t, lp in c.alternatives]}
@@ -148,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.from_dict({**(_read_config(args.config) if args.config else {}), **given(args, TrainConfig)})
         if not cfg.data:
+            replace(cfg, data="-").validate()  # a bad option is named before the missing --data
             raise CaptionerError("--data is required (or --resume RUN_DIR, or a --config that names it)")
         if os.path.isfile(os.path.join(cfg.out, "state.safetensors")) and not args.overwrite:
             raise CaptionerError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
@@ -197,6 +213,14 @@ def cmd_last_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+    files = export_onnx(args.model, args.out_dir)
+    print(f"wrote {len(files)} files to {args.out_dir}: {', '.join(f.name for f in files)}; caption with "
+          f"python -m captioner.onnx_runtime {args.out_dir} IMAGE ...")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of `captioner demo` and `python demo/app.py`, defined once."""
@@ -226,9 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, WebP, ...)")
     _add_model_options(c)
     add_options(c, Decoding)
-    c.add_argument("--n-best", type=_number(int), default=1, help="also list the N best captions with their "
+    c.add_argument("--n-best", type=_number(int, 1, MAX_BEAM), default=1, help="also list the N best captions with their "
                                                                   "log-probabilities (default: 1)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c.add_argument("--attention", metavar="PNG", help="also draw where the model looked for each word: the photo "
+                   "and a heat map per word (models trained with --pool regions, as the bundled one); with "
+                   "several images one file each, out.png becoming out-1.png, out-2.png, ... in their order")
     c.set_defaults(func=cmd_caption)
 
     e = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
@@ -242,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for metrics.json, predictions.json (COCO results format) and report.html")
     e.add_argument("--results-file", metavar="CSV", help="append one row (date, commit, model, data, settings, "
                                                          "metrics, images, seconds) to this CSV")
-    e.add_argument("--limit", type=_number(int), default=0, help="score only the first N images (default: all)")
+    e.add_argument("--limit", type=_number(int, 0), default=0, help="score only the first N images (default: all)")
     e.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
-    e.add_argument("--workers", type=_number(int), default=2, help="image decoding processes (default: 2)")
+    e.add_argument("--workers", type=_number(int, 0), default=2, help="image decoding processes (default: 2)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
@@ -259,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scst", action="store_true", help="second stage: self-critical sequence training on CIDEr-D "
                    "from --init CKPT (its defaults: 5 epochs, lr 2e-5, 32 images x --samples a batch, dev beam 3)")
     t.add_argument("--init", help="with --scst: the cross-entropy checkpoint to start from")
-    t.add_argument("--samples", type=_number(int), default=5, help="with --scst: captions sampled per image "
+    t.add_argument("--samples", type=_number(int, 1, MAX_BEAM), default=5, help="with --scst: captions sampled per image "
                                                                    "(default: 5)")
     add_options(t, TrainConfig, typed_only=True)
     t.set_defaults(func=cmd_train)
@@ -282,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--out", help="where to write it (default: RUN/last.safetensors)")
     le.add_argument("--raw", action="store_true", help="an --ema run: the trained weights, not their average")
     le.set_defaults(func=cmd_last_epoch)
+
+    x = sub.add_parser("export", help="write a model as ONNX files that run without torch "
+                                      "(pip install \"captioner[onnx]\")",
+                       description="Write the model's CNN(s), its decoder's init-state and one-step functions "
+                                   "(float32 ONNX), vocab.json and decoding.json (the shipped decoding settings "
+                                   "and each CNN's preprocessing) to OUT_DIR; python -m captioner.onnx_runtime "
+                                   "OUT_DIR IMAGE ... captions with onnxruntime alone.")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing; files are replaced)")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    x.add_argument("--model", help="checkpoint (.safetensors) or run folder (default: the bundled model)")
+    x.set_defaults(func=cmd_export)
     return p
 
 
@@ -298,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("captioner: error: out of memory", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`captioner info | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # e.g. a full disk while writing
         print(f"captioner: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1

@@ -32,23 +32,18 @@ def option(default, help: str, **flag):
     return field(**kw, metadata={"help": help, "flag": flag})
 
 
-def internal(default):
-    """A field with no command-line option."""
-    return field(default=default, metadata={"help": None})
-
-
 @dataclass(frozen=True)
 class Decoding:
     """How captions are decoded, shared by `captioner caption`, `captioner evaluate`, `Captioner` and the demo."""
 
-    beam_size: int = option(10, f"beam width, 1 to {MAX_BEAM}; 1 is greedy decoding, the fastest")
-    max_len: int = option(20, f"longest caption in words, 1 to {MAX_LEN}")
+    beam_size: int = option(10, f"beam width, 1 to {MAX_BEAM}; 1 is greedy decoding, the fastest", lo=1, hi=MAX_BEAM)
+    max_len: int = option(20, f"longest caption in words, 1 to {MAX_LEN}", lo=1, hi=MAX_LEN)
     length_penalty: float = option(0.7, "rank the beam's captions by log-probability / length**this "
                                         "(0: raw log-probability, as the paper)")
     rerank: int = option(3, "pick the caption among the beam's N best by its agreement with all the beam's "
-                            "captions (consensus reranking); 0 or 1 keeps the most probable one")
+                            "captions (consensus reranking); 0 or 1 keeps the most probable one", lo=0, hi=MAX_BEAM)
     rerank_fmean: float = option(0.5, "METEOR's unigram F-mean's share, 0 to 1, of that agreement; the rest "
-                                      "is BLEU+1", metavar="W")
+                                      "is BLEU+1", metavar="W", lo=0.0, hi=1.0)
     block_trigrams: bool = option(True, "never repeat a word trigram within a caption (beam search)")
     block_repeats: bool = option(False, "never repeat a content word within a caption: nouns, verbs, adjectives, "
                                         "not articles, prepositions, colours or numbers (captioner/vocab.py)")
@@ -91,7 +86,7 @@ class TrainConfig:
     images: str | None = option(None, "images folder, where the annotations do not say")
     dev_data: str | None = option(None, "separate dataset for the dev split (default: the dev split of --data, "
                                         "else 5%% of training images)")
-    limit: int = option(0, "train on the first N training images only, for a quick try (0: all)")
+    limit: int = option(0, "train on the first N training images only, for a quick try (0: all)", lo=0)
     out: str = option("runs/default", "run folder for checkpoints, logs and plots")
     # encoder
     encoder: str = option("efficientnet_lite0", "image encoder", choices=ENCODER_NAMES)
@@ -112,11 +107,11 @@ class TrainConfig:
     min_count: int = option(5, "words seen fewer times in the training captions become <unk>")
     max_len: int = option(20, "training captions are cut to this many words")
     # optimisation
-    batch_size: int = option(64, "captions per training step")
-    epochs: int = option(20, "most epochs to train")
+    batch_size: int = option(64, "captions per training step", lo=1)
+    epochs: int = option(20, "most epochs to train", lo=1)
     lr: float = option(1e-3, "peak learning rate (AdamW; linear warmup, then cosine decay)")
     min_lr_ratio: float = option(0.05, "the learning rate at the last step, as a share of the peak")
-    warmup_steps: int = option(200, "steps of linear learning-rate warmup")
+    warmup_steps: int = option(200, "steps of linear learning-rate warmup", lo=0)
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(5.0, "largest gradient norm (0: no clipping)")
     sample_prob: float = option(0.0, "scheduled sampling: the chance, ramped up from 0 over the epochs, that a "
@@ -130,14 +125,15 @@ class TrainConfig:
     select: str = option("bleu", "the epoch kept as best.safetensors: best greedy dev BLEU-4, lowest dev loss, "
                                  "or the last", choices=SELECT)
     patience: int = option(4, "stop after this many epochs without a better selection score")
-    dev_images: int = option(0, "dev images scored after each epoch (0: all)")
-    eval_beam: int = option(1, "beam size of the per-epoch dev scoring")
-    save_every: int = option(0, "also save resumable state every N steps (0: at epoch ends and on Ctrl-C)")
+    dev_images: int = option(0, "dev images scored after each epoch (0: all)", lo=0)
+    eval_beam: int = option(1, "beam size of the per-epoch dev scoring", lo=1, hi=MAX_BEAM)
+    save_every: int = option(0, "also save resumable state every N steps (0: at epoch ends and on Ctrl-C)", lo=0)
     # machine
     device: str = option("cpu", "cpu, cuda, cuda:1, ...")
-    workers: int = option(2, "image decoding processes")
+    workers: int = option(2, "image decoding processes", lo=0)
     cache_dir: str | None = option(None, "feature cache folder (default: ~/.cache/captioner/features)")
-    stop_after_steps: int = internal(0)  # tests: behave as if interrupted after N steps in total
+    stop_after_steps: int = option(0, "stop as if interrupted (Ctrl-C) after N steps in total, state saved, to try "
+                                      "--resume (0: never)", lo=0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

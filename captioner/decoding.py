@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Decoder, Ensemble, ShowAndTell, lstm_update
-from .vocab import FUNCTION_WORDS, Vocabulary
+from .vocab import Vocabulary
 
 
 @dataclass
@@ -21,6 +21,8 @@ class Hypothesis:
     tokens: list[int]
     logprob: float  # sum of token log-probabilities, <end> included when it was produced
     score: float  # logprob, length-normalised when asked
+    # with `attention=True`: [words, decoders, R + 1], each decoder's model.attention_record at each word
+    attention: torch.Tensor | None = None
 
 
 # The int8 step's marker dtype: weights as 8-bit integers with a scale per row, multiplied by fbgemm's
@@ -111,22 +113,23 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
 LARGE_WORK = 300 * 512
 
 
-def _step(model: Decoder, tokens: torch.Tensor, state):
+def _step(model: Decoder, tokens: torch.Tensor, state, record: list | None = None):
     """`model.step` for an eval-mode model, the first layer through `_step_weights`, members of an
-    ensemble one by one. Same function as nn.LSTM; in float32 results differ by rounding (~1e-6) only."""
+    ensemble one by one. Same function as nn.LSTM; in float32 results differ by rounding (~1e-6) only.
+    `record` gets the attention of the step that ran (model.ShowAndTell.attend), one entry per decoder."""
     if isinstance(model, Ensemble):
-        return model.step(tokens, state, member_step=_step)
+        return model.step(tokens, state, member_step=_step, record=record)
     lstm = model.lstm
     if lstm.training or not lstm.bias or lstm.proj_size:
-        return model.step(tokens, state)
+        return model.step(tokens, state, record)
     h, c = state[:2]
     dtype = _decode_dtype(model)
     full = dtype == h.dtype
     if full and tokens.shape[0] * lstm.hidden_size >= LARGE_WORK and tokens.device.type == "cpu":
-        return model.step(tokens, state)
+        return model.step(tokens, state, record)
     table, w_hh, w_out, b_out = _step_weights(model)
     if dtype == INT8:
-        return _int8_step(model, tokens, state, table, w_hh, w_out)
+        return _int8_step(model, tokens, state, table, w_hh, w_out, record)
     if full:
         gates = torch.addmm(table[tokens], h[0], w_hh.t())
     else:
@@ -134,7 +137,7 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
     x = hs[-1]
     if model.cfg.regions:
-        x = model.attend(x, state[2])
+        x = model.attend(x, state[2], record)
     if full:
         logits = torch.addmm(b_out, x, w_out.t())
     else:
@@ -142,7 +145,8 @@ def _step(model: Decoder, tokens: torch.Tensor, state):
     return torch.log_softmax(logits, dim=-1), (hs, cs, *state[2:])
 
 
-def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Tensor, w_hh, w_out):
+def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Tensor, w_hh, w_out,
+               record: list | None = None):
     """`_step` with the first layer's hidden-to-gates and output products in int8; upper layers, attention
     and the state stay float32."""
     h, c = state[:2]
@@ -150,7 +154,7 @@ def _int8_step(model: ShowAndTell, tokens: torch.Tensor, state, table: torch.Ten
     hs, cs = model.upper_layers(*lstm_update(gates, c[0]), (h, c))
     x = hs[-1]
     if model.cfg.regions:
-        x = model.attend(x, state[2])
+        x = model.attend(x, state[2], record)
     return torch.log_softmax(_int8_mm(x, w_out), dim=-1), (hs, cs, *state[2:])
 
 
@@ -181,18 +185,26 @@ def _block_repeats(logp: torch.Tensor, prefix: torch.Tensor, vocab: Vocabulary) 
         return
     content = vocab.__dict__.get("_content")
     if content is None or content.device != logp.device:
-        content = torch.tensor([i >= len(vocab.SPECIALS) and w not in FUNCTION_WORDS for i, w in enumerate(vocab.itos)],
-                               device=logp.device)
+        content = torch.tensor(vocab.content_words(), device=logp.device)
         vocab.__dict__["_content"] = content
     seen = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, prefix, True)
     logp.masked_fill_(seen & content, -float("inf"))
 
 
+def _attention_shape(model: Decoder) -> tuple[int, int]:
+    """(decoders, R + 1): the width of one word's attention record (`Hypothesis.attention`)."""
+    if not model.cfg.regions:
+        raise ValueError("attention needs a decoder that attends over image regions (encoder pool 'regions')")
+    return len(model.members) if isinstance(model, Ensemble) else 1, model.cfg.regions + 1
+
+
 @torch.inference_mode()
 def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: int = 20,
-           suppress_unk: bool = False, block_repeats: bool = False) -> list[Hypothesis]:
-    """Most likely word at each step, for a batch of image features [B, D]; `block_repeats` as beam_search."""
+           suppress_unk: bool = False, block_repeats: bool = False, attention: bool = False) -> list[Hypothesis]:
+    """Most likely word at each step, for a batch of image features [B, D]; `block_repeats` and `attention`
+    as beam_search."""
     B = features.shape[0]
+    att = torch.zeros(B, max_len, *_attention_shape(model)) if attention else None
     state = model.init_state(features)
     tokens = torch.full((B,), vocab.start_id, dtype=torch.long, device=features.device)
     out = torch.zeros(B, max_len, dtype=torch.long)
@@ -200,7 +212,10 @@ def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: i
     lengths = torch.full((B,), max_len, dtype=torch.long)
     live = torch.arange(B)  # captions still running: only their rows are computed (as in beam_search)
     for t in range(max_len):
-        logp, state = _step(model, tokens, state)
+        record = [] if attention else None
+        logp, state = _step(model, tokens, state, record)
+        if record is not None:
+            att[live, t] = torch.stack(record, 1).cpu()
         logp = _mask(logp.double(), t, vocab, suppress_unk)
         if block_repeats:
             _block_repeats(logp, out[live, :t].to(logp.device), vocab)
@@ -217,7 +232,8 @@ def greedy(model: Decoder, features: torch.Tensor, vocab: Vocabulary, max_len: i
     hyps = []
     for b in range(B):
         toks = out[b, : lengths[b]].tolist()
-        hyps.append(Hypothesis(toks, float(logprob[b]), float(logprob[b])))
+        hyps.append(Hypothesis(toks, float(logprob[b]), float(logprob[b]),
+                               att[b, : lengths[b]] if att is not None else None))
     return hyps
 
 
@@ -229,17 +245,20 @@ def _normalise(logprob: torch.Tensor, lengths: torch.Tensor, alpha: float) -> to
 def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
                 suppress_unk: bool = False, block_trigrams: bool = False,
-                block_repeats: bool = False) -> list[list[Hypothesis]]:
+                block_repeats: bool = False, attention: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search: all B images x K beams advance as one batch of B*K sequences.
 
     `length_penalty` alpha ranks finished captions by logprob / length**alpha (0 = raw logprob, as the
     paper). `block_trigrams`: no caption repeats a word trigram (beams that would are cut off at once, which
     frees their places for others); `block_repeats`: no caption says a content word twice ("a man riding a
-    bicycle on a bicycle"; vocab.FUNCTION_WORDS may repeat). Returns, per image, the `n_best` hypotheses,
-    best first.
+    bicycle on a bicycle"; vocab.FUNCTION_WORDS may repeat). `attention` (a decoder with regions): each
+    hypothesis also carries the attention its own beam's steps ran with, word by word (`Hypothesis.attention`).
+    Returns, per image, the `n_best` hypotheses, best first.
     """
     B, K, V = features.shape[0], beam_size, len(vocab)
     dev = features.device
+    # each beam's attention so far, reordered with its words by the back-pointers
+    att = torch.zeros(B, K, max_len, *_attention_shape(model), device=dev) if attention else None
     state = model.init_state(features)  # (h, c) get K rows per image; a region memory stays one per image
     state = (*(s.repeat_interleave(K, dim=1) for s in state[:2]), *state[2:])
     scores = torch.full((B, K), -float("inf"), dtype=torch.float64, device=dev)
@@ -256,7 +275,8 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
     live = torch.arange(B, device=dev)  # images with an unfinished beam: only their rows are computed
     for t in range(max_len):
         L = live.shape[0]
-        logp, state = _step(model, tokens, state)
+        record = [] if attention else None
+        logp, state = _step(model, tokens, state, record)
         logp = _mask(logp, t, vocab, suppress_unk)
         if block_trigrams:
             _block_trigrams(logp, seqs[live, :, :t].reshape(L * K, t), vocab.pad_id)
@@ -272,6 +292,11 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
         prev = seqs[live].gather(1, beam.unsqueeze(-1).expand(-1, -1, max_len))
         prev[:, :, t] = word
         seqs[live] = prev
+        if record is not None:  # each new beam: its parent's history, then the step its parent's row ran
+            ran = torch.stack(record, 1).view(L, K, *att.shape[3:])
+            history = att[live].gather(1, beam[:, :, None, None, None].expand(-1, -1, *att.shape[2:]))
+            history[:, :, t] = ran.gather(1, beam[:, :, None, None].expand(-1, -1, *ran.shape[2:]))
+            att[live] = history
         was_finished = done_l.gather(1, beam)
         lengths[live] = lengths[live].gather(1, beam) + (~was_finished & (word != vocab.end_id)).long()
         finished[live] = was_finished | (word == vocab.end_id)
@@ -290,12 +315,14 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
     order = ranked.argsort(dim=1, descending=True)
     results = []
     seqs, scores, ranked, lengths = seqs.cpu(), scores.cpu(), ranked.cpu(), lengths.cpu()
+    att = att.cpu() if att is not None else None
     for b in range(B):
         hyps = []
         for k in order[b, :n_best].tolist():
             if not torch.isfinite(scores[b, k]):
                 continue
-            hyps.append(Hypothesis(seqs[b, k, : lengths[b, k]].tolist(), float(scores[b, k]), float(ranked[b, k])))
+            hyps.append(Hypothesis(seqs[b, k, : lengths[b, k]].tolist(), float(scores[b, k]), float(ranked[b, k]),
+                                   att[b, k, : lengths[b, k]] if att is not None else None))
         results.append(hyps)
     return results
 
@@ -304,43 +331,49 @@ def beam_search(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_
 def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabulary, beam_size: int = 3,
                           max_len: int = 20, length_penalty: float = 0.0, n_best: int = 1,
                           suppress_unk: bool = False, block_trigrams: bool = False,
-                          block_repeats: bool = False) -> list[list[Hypothesis]]:
-    """Textbook beam search, one image and one beam at a time (slow; the tests' reference)."""
+                          block_repeats: bool = False, attention: bool = False) -> list[list[Hypothesis]]:
+    """Textbook beam search, one image and one beam at a time (slow; the tests' reference); with
+    `attention`, each beam carries its own steps' attention as it goes."""
+    if attention:
+        _attention_shape(model)
     results = []
     for b in range(features.shape[0]):
-        beams = [([], 0.0, model.init_state(features[b:b + 1]), False)]
+        beams = [([], 0.0, model.init_state(features[b:b + 1]), False, [])]
         for t in range(max_len):
             cands = []
-            for toks, score, state, done in beams:
+            for toks, score, state, done, att in beams:
                 if done:
-                    cands.append((score, toks, state, True, None))
+                    cands.append((score, toks, state, True, att))
                     continue
                 last = toks[-1] if toks else vocab.start_id
-                logp, new_state = _step(model, torch.tensor([last], device=features.device), state)
+                record = [] if attention else None
+                logp, new_state = _step(model, torch.tensor([last], device=features.device), state, record)
+                ran = att + [torch.stack(record, 1)[0].cpu()] if attention else att
                 logp = _mask(logp.double(), t, vocab, suppress_unk)[0]
                 if block_trigrams:
                     for i in range(len(toks) - 2):
                         if toks[i:i + 2] == toks[-2:]:
                             logp[toks[i + 2]] = -float("inf")
                 if block_repeats:
+                    content = vocab.content_words()
                     for w in toks:
-                        if vocab.itos[w] not in FUNCTION_WORDS and w >= len(vocab.SPECIALS):
+                        if content[w]:
                             logp[w] = -float("inf")
                 top, ids = logp.topk(beam_size)
                 for lp, w in zip(top.tolist(), ids.tolist()):
                     if lp == -float("inf"):
                         continue
-                    cands.append((score + lp, toks + [w], new_state, w == vocab.end_id, None))
+                    cands.append((score + lp, toks + [w], new_state, w == vocab.end_id, ran))
             cands.sort(key=lambda c: -c[0])
-            beams = [(toks, score, state, done) for score, toks, state, done, _ in cands[:beam_size]]
-            if all(d for *_, d in beams):
+            beams = [(toks, score, state, done, att) for score, toks, state, done, att in cands[:beam_size]]
+            if all(b[3] for b in beams):
                 break
         hyps = []
-        for toks, score, _, done in beams:
+        for toks, score, _, done, att in beams:
             words = toks[:-1] if done else toks
             n = torch.tensor([len(words)])
             ranked = float(_normalise(torch.tensor([score], dtype=torch.float64), n, length_penalty))
-            hyps.append(Hypothesis(words, score, ranked))
+            hyps.append(Hypothesis(words, score, ranked, torch.stack(att)[:len(words)] if attention else None))
         hyps.sort(key=lambda h: -h.score)
         results.append(hyps[:n_best])
     return results

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import (DELTA_SCALE_SUFFIX, DELTA_SUFFIX, first_problem, load_tensors, pack_delta4, pack_weights,
                          prefixed, save_tensors, unpack_delta4, unpack_weights)
+from .attention import WordAttention, word_attention
 from .decoding import Hypothesis, beam_search, greedy, int8_is_available, precision_dtype, set_precision
 from .distributed import bfloat16_is_native
 from .consensus import rerank as consensus_order
@@ -42,6 +43,7 @@ class Caption:
     text: str
     logprob: float
     alternatives: list[tuple[str, float]]  # n-best (text, logprob), best first (after reranking); `text` first
+    attention: list[WordAttention] | None = None  # `text`'s words and where each looked (attention=True)
 
 
 def save_model(path: str | Path, decoder: Decoder, vocab: Vocabulary, encoder: Encoder,
@@ -262,27 +264,32 @@ class Captioner:
         return torch.cat(feats)
 
     def decode(self, features: torch.Tensor, decoding: Decoding | None = None, n_best: int = 1,
-               suppress_unk: bool = True, **settings) -> list[Caption]:
+               suppress_unk: bool = True, attention: bool = False, **settings) -> list[Caption]:
         """Captions for encoded images, decoded as `decoding` says (config.Decoding; the shipped settings
         when None), any of its fields overridden by keyword (`beam_size=1`). With rerank R > 1 the caption is
-        the one of the beam's R best that agrees most with all its results (consensus.py)."""
+        the one of the beam's R best that agrees most with all its results (consensus.py). `attention`: each
+        caption also gets, per word, the attention the decoder ran with on that caption's own beam."""
         d = self._settings(decoding, settings)
         if not 1 <= n_best <= MAX_BEAM:
             raise CaptionerError(f"n-best must be 1 to {MAX_BEAM}")
+        if attention and not self.decoder.cfg.regions:
+            raise CaptionerError("this model does not attend over image regions (its encoder pools 'avg'); "
+                                 "attention needs a model trained with --pool regions")
         rerank = min(d.rerank, d.beam_size)
         if d.beam_size == 1 and n_best == 1:
             hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, d.max_len,
-                                                                  suppress_unk, d.block_repeats)]
+                                                                  suppress_unk, d.block_repeats, attention)]
         else:
             keep = max(d.beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
             hyps = beam_search(self.decoder, features, self.vocab, max(d.beam_size, n_best), d.max_len,
-                               d.length_penalty, keep, suppress_unk, d.block_trigrams, d.block_repeats)
+                               d.length_penalty, keep, suppress_unk, d.block_trigrams, d.block_repeats, attention)
         out = []
         for hs in hyps:
             if rerank > 1:
                 hs = [hs[i] for i in consensus_order([h.tokens for h in hs], rerank, len(hs), d.rerank_fmean)][:n_best]
             alts = [(self.vocab.decode(h.tokens), h.logprob) for h in hs]
-            out.append(Caption(alts[0][0], alts[0][1], alts))
+            words = word_attention([self.vocab.itos[i] for i in hs[0].tokens], hs[0].attention) if attention else None
+            out.append(Caption(alts[0][0], alts[0][1], alts, words))
         return out
 
     @staticmethod
@@ -293,14 +300,15 @@ class Captioner:
             raise CaptionerError(f"unknown decoding setting ({e})") from None
 
     def caption_full(self, images: Iterable[ImageSource], decoding: Decoding | None = None, n_best: int = 1,
-                     batch_size: int = 32, **settings) -> list[Caption]:
-        """Captions with log-probabilities and n-best alternatives; `decoding` and keywords as for `decode`."""
+                     batch_size: int = 32, attention: bool = False, **settings) -> list[Caption]:
+        """Captions with log-probabilities and n-best alternatives; `decoding`, `attention` and keywords as
+        for `decode` (`attention.plot` draws a caption's attention over its photo)."""
         d = self._settings(decoding, settings)
         images = list(images)
         out: list[Caption] = []
         for i in range(0, len(images), batch_size):
             feats = self.encode(images[i:i + batch_size], views=d.views)
-            out += self.decode(feats, d, n_best)
+            out += self.decode(feats, d, n_best, attention=attention)
         return out
 
     def caption(self, images: ImageSource | Iterable[ImageSource], decoding: Decoding | None = None,

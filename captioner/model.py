@@ -55,6 +55,15 @@ class DecoderConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def attention_record(weights: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """One attention step as a row per sequence [N, R + 1]: its weights over the R regions, then the global
+    share, ||hidden|| / (||hidden|| + ||context||), the LSTM output's part of what scores the word (the global
+    vector reaches a word only through it, as the LSTM's first input; context is what the regions gave)."""
+    h, ctx = hidden.float().norm(dim=-1), context.float().norm(dim=-1)
+    share = h / (h + ctx).clamp_min(torch.finfo(h.dtype).tiny)
+    return torch.cat([weights.reshape(hidden.shape[0], -1).float(), share.unsqueeze(-1)], -1)
+
+
 class ShowAndTell(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -111,11 +120,16 @@ class ShowAndTell(nn.Module):
         h = hidden.reshape(keys.shape[0], -1, H)
         return torch.softmax(h @ keys.transpose(1, 2), -1)  # [M, rows per image, R]
 
-    def attend(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """hidden plus what it reads from its image's regions."""
+    def attend(self, hidden: torch.Tensor, memory: torch.Tensor, record: list | None = None) -> torch.Tensor:
+        """hidden plus what it reads from its image's regions. `record`, a list, gets this call's
+        `attention_record` appended (decoding's opt-in, to show what each word looked at)."""
         H = hidden.shape[-1]
         values = memory.transpose(0, 1)[..., H:]  # [M, R, H]
-        return hidden + (self.attention(hidden, memory) @ values).view(hidden.shape)
+        weights = self.attention(hidden, memory)
+        context = (weights @ values).view(hidden.shape)
+        if record is not None:
+            record.append(attention_record(weights, hidden, context))
+        return hidden + context
 
     def _unroll(self, packed: PackedSequence, memory: torch.Tensor | None, sample_prob: float) -> PackedSequence:
         """The one-layer LSTM over a packed batch one step at a time, for scheduled sampling (Bengio et al.
@@ -206,15 +220,15 @@ class ShowAndTell(nn.Module):
             cs.append(c)
         return torch.stack(hs), torch.stack(cs)
 
-    def readout(self, hidden: torch.Tensor, state: State) -> torch.Tensor:
-        """Next-word logits from the top layer's output [N, H]."""
-        return self.logits(self.attend(hidden, state[2]) if self.cfg.regions else hidden)
+    def readout(self, hidden: torch.Tensor, state: State, record: list | None = None) -> torch.Tensor:
+        """Next-word logits from the top layer's output [N, H]; `record` as for `attend`."""
+        return self.logits(self.attend(hidden, state[2], record) if self.cfg.regions else hidden)
 
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Log-probabilities of the next word for each sequence, given its last token."""
+    def step(self, tokens: torch.Tensor, state: State, record: list | None = None) -> tuple[torch.Tensor, State]:
+        """Log-probabilities of the next word for each sequence, given its last token; `record` as for `attend`."""
         x = self.word_embed(tokens)
         out, (h, c) = self.lstm(x.unsqueeze(1), state[:2])
-        return F.log_softmax(self.readout(out.squeeze(1), state), dim=-1), (h, c, *state[2:])
+        return F.log_softmax(self.readout(out.squeeze(1), state, record), dim=-1), (h, c, *state[2:])
 
 
 class Ensemble(nn.Module):
@@ -249,14 +263,16 @@ class Ensemble(nn.Module):
         parts = features.chunk(len(self.members), -1) if self.split_features else [features] * len(self.members)
         return self._stack([m.init_state(f) for m, f in zip(self.members, parts)])
 
-    def step(self, tokens: torch.Tensor, state: State, member_step=None) -> tuple[torch.Tensor, State]:
+    def step(self, tokens: torch.Tensor, state: State, member_step=None,
+             record: list | None = None) -> tuple[torch.Tensor, State]:
         """Average of the members' next-word probabilities, as log-probabilities. `member_step(member,
-        tokens, state)` replaces `member.step` (decoding passes its faster eval-mode step)."""
+        tokens, state, record)` replaces `member.step` (decoding passes its faster eval-mode step); `record`
+        gets each member's `attention_record`, in member order."""
         sizes = [m.cfg.num_layers for m in self.members]
         parts = [state[0].split(sizes), state[1].split(sizes)]
         if self.cfg.regions:
             parts.append(state[2].split([m.memory_dim for m in self.members], -1))
-        outs = [member_step(m, tokens, s) if member_step else m.step(tokens, s)
+        outs = [member_step(m, tokens, s, record) if member_step else m.step(tokens, s, record)
                 for m, s in zip(self.members, zip(*parts))]
         logp = torch.logsumexp(torch.stack([o[0] for o in outs]), dim=0) - math.log(len(outs))
         return logp, self._stack([o[1] for o in outs])

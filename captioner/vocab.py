@@ -106,6 +106,11 @@ class Vocabulary:
         """Token ids of a caption, wrapped in <start> ... <end>."""
         return [self.start_id, *(self.stoi.get(w, self.unk_id) for w in tokenize(text)), self.end_id]
 
+    def content_words(self) -> list[bool]:
+        """Per id, whether `block_repeats` forbids saying it twice: <unk> and every word outside FUNCTION_WORDS
+        ("a <unk> looking at a <unk>" repeats itself as much as "a wave on a wave")."""
+        return [i == self.unk_id or (i >= len(SPECIALS) and w not in FUNCTION_WORDS) for i, w in enumerate(self.itos)]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Words up to the first <end>; pad and start are never shown."""
         words = []

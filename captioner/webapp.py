@@ -16,8 +16,10 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ import torch
 from .decoding import _mask, _step
 from .config import Decoding
 from .encoders import VIEWS
+from .attention import overlay, thumbnail
 from .errors import CaptionerError
 from .images import ImageError, load_image
 from .memory import trim_if_due
@@ -33,7 +36,7 @@ from .memory import trim_if_due
 if TYPE_CHECKING:
     import gradio as gr
 
-    from .inference import Captioner
+    from .inference import Caption, Captioner
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 METHODS = ("Beam search", "Greedy", "Sampling")
@@ -41,6 +44,7 @@ SHIPPED = Decoding()  # the library's decoding settings, which the demo starts f
 # The demo's own limits, below defaults.MAX_BEAM and MAX_LEN (the library's): anyone can reach a public demo
 MAX_BEAM, MAX_ALTERNATIVES, MAX_WORDS, MAX_BATCH = 10, 10, 50, 200
 TRIM_REQUESTS = 16  # give freed heap back every this many requests (Gradio's worker threads each grow a malloc arena)
+LOOKED_KEPT = 64  # captions whose attention waits for the page to ask for it (one a visitor, normally)
 ALT_HEADERS = ["caption", "log-prob", "share of listed"]
 BATCH_HEADERS = ["file", "caption", "log-prob", "error"]
 
@@ -89,13 +93,23 @@ def caption_images(cap: "Captioner", images: list, method: str = "Beam search",
                    max_len: int = 20, n_best: int = 3, temperature: float = 1.0,
                    views: int = 1, rerank: int = SHIPPED.rerank) -> list[list[tuple[str, float]]]:
     """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
+    return [c.alternatives for c in captions(cap, images, method, beam_size, max_len, n_best, temperature, views,
+                                             rerank)]
+
+
+def captions(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = SHIPPED.beam_size,
+             max_len: int = 20, n_best: int = 3, temperature: float = 1.0, views: int = 1,
+             rerank: int = SHIPPED.rerank, attention: bool = False) -> list["Caption"]:
+    """`caption_images` as Captions; `attention` adds each caption's attention per word where the method
+    has one beam path to follow (beam search, greedy) and the model attends over regions."""
+    from .inference import Caption
     features = cap.encode(images, views=views)
     if method == "Sampling":
-        return sample(cap, features, n_best, max_len, temperature)
+        return [Caption(alts[0][0], alts[0][1], alts) for alts in sample(cap, features, n_best, max_len, temperature)]
     if method == "Greedy":
         beam_size = n_best = 1
-    return [c.alternatives for c in cap.decode(features, n_best=n_best, beam_size=beam_size, max_len=max_len,
-                                               rerank=rerank, views=views)]
+    return cap.decode(features, n_best=n_best, beam_size=beam_size, max_len=max_len, rerank=rerank, views=views,
+                      attention=attention and bool(cap.decoder.cfg.regions))
 
 
 def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1,
@@ -182,6 +196,18 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
     def done() -> None:
         trim_if_due(next(served), TRIM_REQUESTS)
 
+    # The last captions' attention, by upload and settings: the word picker's event reads what the caption's
+    # own decoding recorded, so the `/caption` API keeps its outputs and nothing is decoded twice.
+    looked: OrderedDict[tuple, tuple] = OrderedDict()
+    looked_lock = threading.Lock()
+
+    def remember(key: tuple, photo, words) -> None:
+        with looked_lock:
+            looked[key] = (photo, words)
+            looked.move_to_end(key)
+            while len(looked) > LOOKED_KEPT:
+                looked.popitem(last=False)
+
     def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=SHIPPED.rerank):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
         if not image:
@@ -190,13 +216,43 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         try:
             settings = _settings(method, beam_size, max_len, n_best, temperature, views, rerank)
             img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes, draft)
-            alts = caption_images(cap, [img], *settings)[0]
+            c = captions(cap, [img], *settings, attention=True)[0]
+            alts = c.alternatives
+            if c.attention:
+                remember((image["path"], settings), thumbnail(img), c.attention)
         except CaptionerError as e:
             raise gr.Error(str(e), duration=None, print_exception=False)  # stays on the page until closed
         finally:
             done()
         details = f"{time.perf_counter() - t0:.2f} s · {_describe(*settings)}"
         return alts[0][0], _alternatives_table(alts), details
+
+    def looked_for(image: dict | None, settings: tuple) -> tuple | None:
+        """The attention `caption_one` kept for this upload and these settings, if any."""
+        try:
+            key = (image["path"], _settings(*settings)) if image else None
+        except CaptionerError:
+            key = None
+        with looked_lock:
+            return looked.get(key)
+
+    def show_words(image: dict | None, *settings):
+        """After a caption: its words to pick from, and the first word's attention."""
+        entry = looked_for(image, settings)
+        if entry is None:  # no photo, a failed upload, sampling, or a model without regions
+            return gr.Radio(choices=[], value=None), None
+        photo, words = entry
+        return gr.Radio(choices=[(w.word, i) for i, w in enumerate(words)], value=0), _overlay(entry, 0)
+
+    def show_word(index: int | None, image: dict | None, *settings):
+        """The photo under the picked word's attention (no gr.State: it would hold a heartbeat stream open)."""
+        entry = looked_for(image, settings)
+        return None if entry is None or index is None else _overlay(entry, int(index))
+
+    def _overlay(entry: tuple, index: int):
+        """The photo under one word's attention, on the caption's common scale (attention.plot's)."""
+        photo, words = entry
+        return overlay(photo, words[index].weights, max(float(w.weights.max()) for w in words))
 
     def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature, views=1,
                       rerank=SHIPPED.rerank):
@@ -251,11 +307,18 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                     details = gr.Markdown(label="Details", elem_id="details")
                     alternatives = gr.Dataframe(headers=ALT_HEADERS, label="Alternatives", interactive=False,
                                                 wrap=True, column_widths=["70%", "15%", "15%"])
+                    word = gr.Radio([], label="Where it looked", elem_id="words",
+                                    info="pick a word of the caption: the photo shows which regions it read "
+                                         "(beam search and greedy)")
+                    looked_at = gr.Image(type="pil", label="Attention", interactive=False, height=300,
+                                         elem_id="attention")
         with gr.Tab("Batch"):
-            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="batch-files")
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images: drop several files here",
+                            elem_id="batch-files")
             run_batch = gr.Button("Caption all", variant="primary")
             batch_summary = gr.Markdown(label="Summary")
-            table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True)
+            table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True,
+                                 column_widths=["22%", "45%", "10%", "23%"])
             downloads = gr.File(label="Downloads (CSV, JSON)", file_count="multiple", interactive=False)
         with gr.Accordion("Decoding settings", open=False):
             with gr.Row():
@@ -278,7 +341,11 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         gr.on([image.change, method.change, beam.release, max_len.release, n_best.release, temperature.release,
                views.change, rerank.release],
               caption_one, inputs=[image, *settings], outputs=[caption, alternatives, details],
-              api_name="caption", preprocess=False, trigger_mode="always_last", **limit)
+              api_name="caption", preprocess=False, trigger_mode="always_last", **limit
+              ).then(show_words, inputs=[image, *settings], outputs=[word, looked_at], preprocess=False,
+                     api_visibility="private")
+        word.input(show_word, inputs=[word, image, *settings], outputs=looked_at, preprocess=False,
+                   api_visibility="private")
         run_batch.click(caption_batch, inputs=[files, *settings], outputs=[table, downloads, batch_summary],
                         api_name="caption_batch", **limit)
     app.queue(max_size=64)
@@ -292,8 +359,12 @@ def launch(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port
     `block=False` returns the running app (tests use it), to be stopped with `.close()`."""
     app = build_app(captioner, model, max_upload_mb=max_upload_mb)
     app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
-               allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=not block, show_error=True,
-               footer_links=["api"], quiet=not block, share=share)
+               allowed_paths=[str(EXAMPLES_DIR)], prevent_thread_lock=True, show_error=True,
+               footer_links=["api"], quiet=True, share=share)  # quiet: gradio's hints are for launch() callers
+    if block:
+        print(f"captioner demo on {app.local_url}" + (f" and {app.share_url}" if app.share_url else
+                                                     " (captioner demo --share adds a public link)"), flush=True)
+        app.block_thread()
     return app
 
 

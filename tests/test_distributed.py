@@ -73,7 +73,7 @@ def test_sharded_loss_sums_to_the_one_process_loss_and_gradient():
             ctx = DistContext(rank, world)
             mine = ctx.shard(list(range(5)))
             use = mine or [0]
-            loss = ddp_loss(m, feats[use], caps[use], lens[use], 0.0, n_tok, world, weight=float(bool(mine)))
+            loss = ddp_loss(m, feats[use], caps[use], lens[use], n_tok, world, weight=float(bool(mine)))
             total += loss.item()
             g = grads(loss)
             g_sum = g if g_sum is None else [a + b for a, b in zip(g_sum, g)]

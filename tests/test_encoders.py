@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.config import Decoding
 from captioner.encoders import ENCODERS, Trunk, create_encoder
 from captioner.errors import CaptionerError
 
@@ -106,7 +107,7 @@ def test_test_time_views_average_the_views_features(tmp_path):
     # evaluate: each view through the feature cache, then averaged, and said so in the settings
     csv = tmp_path / "caps.csv"
     csv.write_text("image,caption,split\n" + "".join(f"{p},a dog runs on the grass,test\n" for p in examples))
-    res = evaluate(None, csv, "test", cache_dir=tmp_path / "cache", workers=0, progress=False, views=2)
+    res = evaluate(None, csv, "test", Decoding(views=2), cache_dir=tmp_path / "cache", workers=0, progress=False)
     assert res["settings"]["views"] == 2 and res["settings"]["images"] == 2
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(parts)  # each view of each CNN
 
@@ -154,3 +155,9 @@ def test_shared_trunk_keeps_one_copy_of_the_frozen_cnn():
         c.features.net._conv_stem.weight.mul_(2)
     with pytest.raises(CaptionerError, match="same pretrained CNN.*_conv_stem.weight differs"):
         SharedTrunk([a, c])
+
+
+def test_the_cli_offers_exactly_the_registered_encoders():
+    """config.ENCODER_NAMES (what --encoder accepts, without importing torch) names the registry's encoders."""
+    from captioner.config import ENCODER_NAMES
+    assert tuple(ENCODERS) == ENCODER_NAMES
