@@ -21,7 +21,7 @@ from .images import ImageSource, load_image
 from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "captioner-flickr8k.safetensors"
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "captioner-flickr8k-coco.safetensors"
 BUNDLE_STORAGES = STORAGES  # what a file to ship may use (checkpoint.STORAGES less float32)
 
 

@@ -31,32 +31,39 @@ def test_beam_size_one_equals_greedy(real):
 
 @pytest.mark.parametrize("k,alpha", [(3, 0.0), (5, 0.7)])
 def test_batched_beam_equals_reference(real, k, alpha):
-    """Identical captions in float64. In float32 a batch of 60 rounds differently from a batch of 1, and
-    the bundled ensemble has near-ties (dev image 27: 'a young' and 'a little' differ by 1.7e-6 in
-    log-prob and swap places), after which the searches follow different beams; in float64 they cannot."""
+    """Identical captions in float64. In float32 a batch rounds differently from a batch of 1, and the
+    bundled ensemble has near-ties (two words a few 1e-6 apart in log-prob swap places), after which the
+    searches follow different beams; in float64 they cannot."""
     import copy
     cap, feats = real
-    feats = feats[:60]
+    f = feats[:30].double()
     decoder = copy.deepcopy(cap.decoder).double()
-    batched = beam_search(decoder, feats.double(), cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
-    ref = beam_search_reference(decoder, feats.double(), cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    batched = beam_search(decoder, f, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
+    ref = beam_search_reference(decoder, f, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
     assert [[h.tokens for h in hs][:1] for hs in batched] == [[h.tokens for h in hs][:1] for hs in ref]
     for hs_b, hs_r in zip(batched, ref):
         assert abs(hs_b[0].logprob - hs_r[0].logprob) < 1e-9
-    # float32, bfloat16 and int8 weights, as shipped: the same captions but for near-ties, log-probs equal to
-    # rounding (bfloat16 products are rounded to 8 bits, and a batch of 60 sums in another order; int8
-    # rounds each product's input to 7 bits with one scale per call, so a row's rounding depends on its batch)
-    for dtype, tol, least in ((torch.float32, 1e-4, 57), (torch.bfloat16, 0.05, 57), (INT8, 0.15, 51)):
-        if dtype == INT8 and not int8_is_available():
-            continue
-        set_precision(cap.decoder, dtype)
-        batched = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
-        ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=alpha, n_best=k)
-        same = [b[0].tokens == r[0].tokens for b, r in zip(batched, ref)]
-        assert sum(same) >= least, (dtype, sum(same))
-        diffs = [abs(b[0].logprob - r[0].logprob) for b, r, ok in zip(batched, ref, same) if ok]
-        assert max(diffs) < tol, dtype
-    set_precision(cap.decoder, precision_dtype(cap.precision))
+
+
+def test_batched_beam_equals_reference_in_the_shipped_precisions(real):
+    """float32, bfloat16 and int8 weights, as shipped: the same captions but for near-ties, log-probs equal to
+    rounding (bfloat16 products are rounded to 8 bits, and a batch of 30 sums in another order; int8 rounds
+    each product's input to 7 bits with one scale per call, so a row's rounding depends on its batch)."""
+    cap, feats = real
+    feats = feats[:30]
+    try:
+        for dtype, tol, least in ((torch.float32, 1e-4, 28), (torch.bfloat16, 0.05, 28), (INT8, 0.15, 25)):
+            if dtype == INT8 and not int8_is_available():
+                continue
+            set_precision(cap.decoder, dtype)
+            batched = beam_search(cap.decoder, feats, cap.vocab, beam_size=5, length_penalty=0.7, n_best=5)
+            ref = beam_search_reference(cap.decoder, feats, cap.vocab, beam_size=5, length_penalty=0.7, n_best=5)
+            same = [b[0].tokens == r[0].tokens for b, r in zip(batched, ref)]
+            assert sum(same) >= least, (dtype, sum(same))
+            diffs = [abs(b[0].logprob - r[0].logprob) for b, r, ok in zip(batched, ref, same) if ok]
+            assert max(diffs) < tol, dtype
+    finally:
+        set_precision(cap.decoder, precision_dtype(cap.precision))
 
 
 def _repeats_a_trigram(tokens: list[int]) -> bool:
@@ -77,7 +84,7 @@ def test_trigram_blocking_batched_equals_reference_and_never_repeats(real):
     assert not any(_repeats_a_trigram(h.tokens) for hs in blocked for h in hs)
     assert all(len(hs) == k for hs in blocked)  # blocking frees places; it never empties a beam
     decoder = copy.deepcopy(cap.decoder).double()
-    f = feats[:60].double()
+    f = feats[:30].double()
     batched = beam_search(decoder, f, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k, block_trigrams=True)
     ref = beam_search_reference(decoder, f, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k,
                                 block_trigrams=True)
@@ -97,27 +104,31 @@ def test_repeat_blocking_batched_equals_reference_and_never_repeats_a_content_wo
     blocked = beam_search(cap.decoder, feats, cap.vocab, beam_size=k, length_penalty=0.5, n_best=k,
                           block_repeats=True)
     assert sum(repeated_word(text(h)) is not None for hs in free for h in hs) >= 5
-    assert not any(repeated_word(text(h)) for hs in blocked for h in hs)
+    assert not [text(h) for hs in blocked for h in hs if repeated_word(text(h))]
     assert all(len(hs) == k for hs in blocked)
     assert not any(repeated_word(text(h)) for h in greedy(cap.decoder, feats, cap.vocab, block_repeats=True))
     decoder = copy.deepcopy(cap.decoder).double()
-    f = feats[:40].double()
+    f = feats[:20].double()
     kw = dict(beam_size=k, length_penalty=0.5, n_best=k, block_trigrams=True, block_repeats=True)
     batched, ref = beam_search(decoder, f, cap.vocab, **kw), beam_search_reference(decoder, f, cap.vocab, **kw)
     assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in ref]
 
 
-def test_captioner_and_cli_block_trigrams_by_default(real):
-    """The shipped path (`Captioner.decode`, beam 10 reranked) blocks repeats unless told not to."""
+def test_captioner_and_cli_block_repeats_by_default(real):
+    """The shipped path (`Captioner.decode`, beam 10 reranked) repeats no trigram and no content word, and
+    no caption is degenerate ("a wave on a wave"), unless told otherwise; without either rule some do."""
     from captioner.cli import build_parser
+    from captioner.vocab import degenerate, repeated_word
     cap, feats = real
     words = lambda cs: [c.text.split() for c in cs]  # noqa: E731
-    shipped, free = cap.decode(feats), cap.decode(feats, block_trigrams=False)
-    assert not any(_repeats_a_trigram(w) for w in words(shipped))
-    assert any(_repeats_a_trigram(w) for w in words(free))
+    shipped, free = cap.decode(feats), cap.decode(feats, block_trigrams=False, block_repeats=False)
+    assert not any(_repeats_a_trigram(w) or repeated_word(w) or degenerate(w) for w in words(shipped))
+    assert any(repeated_word(w) for w in words(free))
     for cmd in (["caption", "x.jpg"], ["evaluate", "--data", "d"]):
-        assert build_parser().parse_args(cmd).block_trigrams is True
-        assert build_parser().parse_args(cmd + ["--no-block-trigrams"]).block_trigrams is False
+        for rule in ("block_trigrams", "block_repeats"):
+            assert getattr(build_parser().parse_args(cmd), rule) is True
+            flag = "--no-" + rule.replace("_", "-")
+            assert getattr(build_parser().parse_args(cmd + [flag]), rule) is False
 
 
 def test_captions_always_end_and_never_empty(real):
@@ -134,7 +145,8 @@ def test_captions_always_end_and_never_empty(real):
 
 
 def test_captioner_api_batches_and_n_best(photos):
-    cap = Captioner.load()
+    # float32: int8's dynamic scales depend on the batch, which may swap a near-tie (shipped-precisions test)
+    cap = Captioner.load(precision="float32")
     paths = sorted(photos.glob("*.jpg"))[:5]
     one = cap.caption(paths[0], beam_size=3)
     many = cap.caption(paths, beam_size=3)

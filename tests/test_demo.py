@@ -251,12 +251,17 @@ def test_example_images_are_shipped_and_captioned(cap):
     examples = sorted(webapp.EXAMPLES_DIR.glob("*.jpg"))
     assert 3 <= len(examples) <= 6 and (webapp.EXAMPLES_DIR / "SOURCES.md").is_file()
     assert sum(p.stat().st_size for p in examples) < 2 * 2**20
-    assert all(c.text.strip() for c in cap.caption_full(examples))
+    texts = cap.caption(examples)
+    assert all(t.strip() for t in texts)
+    if _model_path() is None:  # each photo is named for its subject; the bundled model must name it too
+        for path, text in zip(examples, texts):
+            assert any(w.startswith(path.stem.rstrip("s")) for w in text.split()), (path.name, text)
 
 
 # --- a real browser -------------------------------------------------------------------------------------------
 
-def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
+def _playwright():
+    """playwright's sync_playwright, or a skip (a failure under CI) where it or chromium is missing."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -264,6 +269,11 @@ def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
     if sync_playwright is None or not shutil.which(CHROMIUM):
         msg = "browser test needs `apt-get install chromium` and `pip install playwright`"
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return sync_playwright
+
+
+def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
+    sync_playwright = _playwright()
     shot = ROOT / "test-artifacts" / "demo.png"
     shot.parent.mkdir(exist_ok=True)
     with sync_playwright() as pw:
@@ -294,3 +304,37 @@ def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
         finally:
             browser.close()
     assert text.strip() and example_text.strip()
+
+
+def test_browser_word_shows_where_it_looked(server, cap, photo):
+    """After a caption, its words are offered one by one; picking one shows the photo under that word's
+    attention, the weights the caption's own decoding ran with (the bundled model attends over regions)."""
+    sync_playwright = _playwright()
+    if not cap.decoder.cfg.regions:
+        pytest.skip("the model does not attend over regions")
+    shot = ROOT / "test-artifacts" / "demo-attention.png"
+    shot.parent.mkdir(exist_ok=True)
+    want = cap.caption_full([photo], attention=True)[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.goto(server, wait_until="networkidle")
+            page.locator("#photo input[type=file]").set_input_files(str(photo))
+            page.wait_for_function("document.querySelector('#caption textarea')?.value.trim().length > 0",
+                                   timeout=60_000)
+            text = page.locator("#caption textarea").input_value()
+            n = len(text.split())
+            page.wait_for_function(f"document.querySelectorAll('#words input[type=radio]').length === {n}",
+                                   timeout=60_000)
+            page.wait_for_function("document.querySelector('#attention img')?.src", timeout=60_000)
+            words = page.locator("#words label").all_inner_texts()
+            first = page.locator("#attention img").get_attribute("src")
+            page.locator("#words label").nth(2).click()
+            page.wait_for_function(f"document.querySelector('#attention img')?.src !== {first!r}", timeout=60_000)
+            page.wait_for_timeout(500)  # the new image paints
+            checked = page.locator("#words input[type=radio]").nth(2).is_checked()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert [w.strip() for w in words] == text.split() == want.text.split() and checked

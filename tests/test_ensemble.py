@@ -101,7 +101,8 @@ def test_runs_combine_into_one_checkpoint(runs, tmp_path):
     by_hand = Ensemble([Captioner.load(c).decoder for c in ckpts])
     feats = cap.encode(images)
     expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, suppress_unk=True,
-                                                                    length_penalty=LENGTH_PENALTY, block_trigrams=True)]
+                                                                    length_penalty=LENGTH_PENALTY, block_trigrams=True,
+                                                                        block_repeats=True)]
     assert cap.caption(images, beam_size=3, rerank=0) == expect
     # an ensemble is itself a member: three decoders from two files
     assert save_ensemble(tmp_path / "three.safetensors", [tmp_path / "ens.safetensors", ckpts[0]]) == 3
@@ -240,7 +241,7 @@ def test_members_that_read_different_cnns_keep_them(runs, tmp_path):
     six = cap.encode(images[:2], views=6)
     torch.testing.assert_close(six, torch.cat([a.encode(images[:2], views=6) for a in alone], 1), rtol=1e-4, atol=1e-4)
     by_hand = Ensemble([a.decoder for a in alone], split_features=True)
-    shipped = dict(length_penalty=LENGTH_PENALTY, suppress_unk=True, block_trigrams=True)
+    shipped = dict(length_penalty=LENGTH_PENALTY, suppress_unk=True, block_trigrams=True, block_repeats=True)
     expect = [cap.vocab.decode(hs[0].tokens) for hs in beam_search(by_hand, feats, cap.vocab, 3, **shipped)]
     assert cap.caption(images, beam_size=3, rerank=0) == expect
     assert expect != [cap.vocab.decode(hs[0].tokens)  # the second member has a say

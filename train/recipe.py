@@ -198,7 +198,7 @@ class Recipe:
         print(f"  bundled {what}: seed(s) {kept}", flush=True)
         res = score(self.out / "model.safetensors", "eval-dev")
         decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "rerank_fmean", "length_penalty",
-                                                    "block_trigrams", "views", "precision")}
+                                                    "block_trigrams", "block_repeats", "views", "precision")}
         self.write_card(self.out / "model.safetensors", res["by_source"], decoding)
         return {"metrics": res["by_source"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
                 "decoding": decoding}
