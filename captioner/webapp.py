@@ -317,9 +317,10 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                             elem_id="batch-files")
             run_batch = gr.Button("Caption all", variant="primary")
             batch_summary = gr.Markdown(label="Summary")
-            table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True,
+            table = gr.Dataframe(headers=BATCH_HEADERS, label="Captions", interactive=False, wrap=True, elem_id="batch-table",
                                  column_widths=["22%", "45%", "10%", "23%"])
-            downloads = gr.File(label="Downloads (CSV, JSON)", file_count="multiple", interactive=False)
+            downloads = gr.File(label="Downloads (CSV, JSON)", file_count="multiple", interactive=False,
+                                elem_id="batch-downloads")
         with gr.Accordion("Decoding settings", open=False):
             with gr.Row():
                 method = gr.Radio(list(METHODS), value="Beam search", label="Method")
@@ -341,13 +342,15 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         gr.on([image.change, method.change, beam.release, max_len.release, n_best.release, temperature.release,
                views.change, rerank.release],
               caption_one, inputs=[image, *settings], outputs=[caption, alternatives, details],
-              api_name="caption", preprocess=False, trigger_mode="always_last", **limit
+              api_name="caption", preprocess=False, trigger_mode="always_last", **limit,
+              show_progress="hidden",  # a failure is the toast alone, not red badges on every output
               ).then(show_words, inputs=[image, *settings], outputs=[word, looked_at], preprocess=False,
                      api_visibility="private")
         word.input(show_word, inputs=[word, image, *settings], outputs=looked_at, preprocess=False,
                    api_visibility="private")
+        # progress (and an error's badge) in the summary line only; the error itself is the toast
         run_batch.click(caption_batch, inputs=[files, *settings], outputs=[table, downloads, batch_summary],
-                        api_name="caption_batch", **limit)
+                        api_name="caption_batch", show_progress_on=[batch_summary], **limit)
     app.queue(max_size=64)
     return app
 

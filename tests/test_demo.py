@@ -293,6 +293,8 @@ def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
             page.get_by_text("corrupt or truncated image").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1000)  # the message slides in
             page.screenshot(path=str(shot.with_name("demo-error.png")), full_page=True)
+            shown_badge = "[data-testid=status-tracker]:not(.hide) .error"  # gradio's red "Error" on an output
+            calm = page.locator(f"#caption {shown_badge}").count() == 0  # the toast says it all
             # An example is one click away, and captioned like any upload.
             page.get_by_role("button", name="Close").first.click()
             page.locator("#photo button[aria-label='Remove Image']").first.click()
@@ -301,9 +303,17 @@ def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
             page.wait_for_function("document.querySelector('#caption textarea')?.value.trim().length > 0",
                                    timeout=60_000)
             example_text = page.locator("#caption textarea").input_value()
+            # "Caption all" with no files: the toast, and no red badges on the table or the downloads
+            page.get_by_role("tab", name="Batch").click()
+            page.get_by_role("button", name="Caption all").click()
+            page.get_by_text("Choose some image files first").first.wait_for(timeout=60_000)
+            batch_calm = all(page.locator(f"#batch-{part} {shown_badge}").count() == 0
+                             for part in ("table", "downloads"))
         finally:
             browser.close()
     assert text.strip() and example_text.strip()
+    assert calm, "red badges beside the error toast (single image)"
+    assert batch_calm, "red badges beside the error toast (batch)"
 
 
 def test_browser_word_shows_where_it_looked(server, cap, photo):
