@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import warnings
 from typing import Sequence
 
 from .errors import CaptionerError
@@ -20,7 +21,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict
     hyps = [tokenize(h) for h in hypotheses]
     refs = [[tokenize(r) for r in rs] for rs in references]
     weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
-    scores = corpus_bleu(refs, hyps, weights=weights)
+    with warnings.catch_warnings():  # NLTK warns, at length, that no n-gram matched: a score of 0 says so
+        warnings.simplefilter("ignore", UserWarning)
+        scores = corpus_bleu(refs, hyps, weights=weights)
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(scores, 1)}
 
 
