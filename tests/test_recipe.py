@@ -20,7 +20,9 @@ def _recipe(cfg: Path):
 
 
 def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
-    """Two sources (the second has training images only), two seeds, SCST, one ensemble with its card."""
+    """Two sources (the second has training images only), two seeds each on its own CNN ("encoders": Lite0,
+    Lite1), SCST, one ensemble holding both CNNs, with its card."""
+    from captioner.encoders import EncoderStack
     data = make_tiny_dataset(tmp_path / "data")
     more = tmp_path / "more"
     make_images(more, 6)
@@ -28,7 +30,8 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     cfg = {"data": [str(data / "caps.csv"), str(more / "caps.csv")], "source_weights": [1, 1], "name": "tiny",
            "out": str(tmp_path / "out"), "cache_dir": str(data / "cache"),
            "embed_dim": 16, "hidden_dim": 16, "min_count": 1, "batch_size": 4, "epochs": 2, "workers": 0,
-           "warmup_steps": 2, "seeds": [0, 1], "scst": {"epochs": 1, "batch_size": 4, "samples": 2}}
+           "warmup_steps": 2, "seeds": [0, 1], "encoders": ["efficientnet_lite0", "efficientnet_lite1"],
+           "scst": {"epochs": 1, "batch_size": 4, "samples": 2}}
     (tmp_path / "r.json").write_text(json.dumps(cfg))
     r = _recipe(tmp_path / "r.json")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -42,6 +45,8 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     assert report["decoding"]["precision"] in ("float32", "bfloat16", "int8")
     cap = Captioner.load(out / "model.safetensors")
     assert isinstance(cap.decoder, Ensemble) and len(cap.decoder.members) == 2
+    assert [json.loads((out / f"xe-s{s}" / "config.json").read_text())["encoder"] for s in (0, 1)] == cfg["encoders"]
+    assert isinstance(cap.encoder, EncoderStack) and [m.name for m in cap.encoder.members] == cfg["encoders"]
     card = cap.meta["card"]  # the model's card: its name, data, recipe and scores, and no local paths
     assert card["name"] == "tiny" and card["training_data"] == ["data train", "more"]
     assert card["scores"]["data dev"]["metrics"] == report["dev"][str(data / "caps.csv")]
@@ -64,31 +69,6 @@ def test_recipe_runs_seeds_scst_and_ensemble(tmp_path):
     assert not isinstance(cap.decoder, Ensemble) and cap.meta["storage"] == "int8"
 
 
-def test_recipe_gives_each_seed_its_encoder(tmp_path):
-    """"encoders": seed 0 reads Lite0, seed 1 Lite1; the pair ships as one file holding both CNNs."""
-    from captioner.encoders import EncoderStack
-    data = make_tiny_dataset(tmp_path / "data")
-    cfg = {"data": str(data / "caps.csv"), "out": str(tmp_path / "out"), "cache_dir": str(data / "cache"),
-           "embed_dim": 16, "hidden_dim": 16, "min_count": 1, "batch_size": 4, "epochs": 1, "workers": 0,
-           "warmup_steps": 2, "seeds": [0, 1], "encoders": ["efficientnet_lite0", "efficientnet_lite1"]}
-    (tmp_path / "r.json").write_text(json.dumps(cfg))
-    r = _recipe(tmp_path / "r.json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = tmp_path / "out"
-    assert [json.loads((out / f"xe-s{s}" / "config.json").read_text())["encoder"] for s in (0, 1)] == [
-        "efficientnet_lite0", "efficientnet_lite1"]
-    cap = Captioner.load(out / "model.safetensors")
-    assert isinstance(cap.encoder, EncoderStack) and [m.name for m in cap.encoder.members] == [
-        "efficientnet_lite0", "efficientnet_lite1"]
-    assert set(json.loads((out / "recipe.json").read_text())["dev"][str(data / "caps.csv")]) >= {"BLEU-4", "CIDEr"}
-    for bad, says in (({"encoders": ["efficientnet_lite0"]}, "one of"),
-                      ({"encoders": ["efficientnet_lite0", "resnet50"]}, "features of one size"),
-                      ({"fine_tune_blocks": 1}, "must not fine-tune")):
-        (tmp_path / "bad.json").write_text(json.dumps({**cfg, **bad}))
-        r = _recipe(tmp_path / "bad.json")
-        assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
 def test_recipe_failure_is_one_line(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"data": str(tmp_path / "nope"), "out": str(tmp_path / "o")}))
     r = _recipe(tmp_path / "r.json")
@@ -107,6 +87,15 @@ def test_recipe_failure_is_one_line(tmp_path):
     (tmp_path / "storage.json").write_text('{"data": "x", "storage": "int4"}')
     r = _recipe(tmp_path / "storage.json")
     assert r.returncode != 0 and '"storage"' in r.stderr and "Traceback" not in r.stderr
+    data = make_tiny_dataset(tmp_path / "data")
+    cfg = {"data": str(data / "caps.csv"), "out": str(tmp_path / "out"), "seeds": [0, 1]}
+    for bad, says in (({"encoders": ["efficientnet_lite0"]}, "one of"),
+                      ({"encoders": ["efficientnet_lite0", "resnet50"]}, "features of one size"),
+                      ({"encoders": ["efficientnet_lite0", "efficientnet_lite1"], "fine_tune_blocks": 1},
+                       "must not fine-tune")):
+        (tmp_path / "bad.json").write_text(json.dumps({**cfg, **bad}))
+        r = _recipe(tmp_path / "bad.json")
+        assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_shipped_recipes_are_valid(monkeypatch):
