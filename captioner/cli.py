@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from dataclasses import MISSING, fields, replace
+from typing import Callable
 
 from .config import MAX_BEAM, PRECISIONS, Decoding, RecipeConfig, ScstConfig, TrainConfig
 from .errors import CaptionerError
@@ -325,8 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.func(args))
+
+
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """`command()`'s exit status; a failure the user can fix is one line on stderr, never a traceback."""
     try:
-        return args.func(args)
+        return command()
     except CaptionerError as e:
         print(f"captioner: error: {e}", file=sys.stderr)
         return 2

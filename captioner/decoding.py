@@ -336,6 +336,7 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
     `attention`, each beam carries its own steps' attention as it goes."""
     if attention:
         _attention_shape(model)
+    content = vocab.content_words()
     results = []
     for b in range(features.shape[0]):
         beams = [([], 0.0, model.init_state(features[b:b + 1]), False, [])]
@@ -355,7 +356,6 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
                         if toks[i:i + 2] == toks[-2:]:
                             logp[toks[i + 2]] = -float("inf")
                 if block_repeats:
-                    content = vocab.content_words()
                     for w in toks:
                         if content[w]:
                             logp[w] = -float("inf")

@@ -349,7 +349,7 @@ def beam_search(cap: OnnxCaptioner, features: np.ndarray, beam_size: int = 3, ma
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m captioner.onnx_runtime OUT_DIR image ...`: one caption per image, as `captioner caption`."""
-    from .cli import add_options, given  # argparse only: no torch
+    from .cli import add_options, given, run_reporting_errors  # argparse only: no torch
     p = argparse.ArgumentParser(prog="python -m captioner.onnx_runtime",
                                 description="Caption images with a model exported by `captioner export --format "
                                             "onnx`, on onnxruntime (no torch). Decoding options default to the "
@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_options(p, Decoding, typed_only=True)
     args = p.parse_args(argv)
-    try:
+
+    def caption_each() -> int:
         cap = OnnxCaptioner(args.folder, threads=args.threads)
         decoding = cap._settings(None, given(args, Decoding))
         results, failed = [], 0
@@ -377,13 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(results, indent=2))
         return 1 if failed else 0
-    except CaptionerError as e:
-        print(f"captioner: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ncaptioner: interrupted", file=sys.stderr)
-        return 130
-
+    return run_reporting_errors(caption_each)
 
 if __name__ == "__main__":
     sys.exit(main())

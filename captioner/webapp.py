@@ -88,20 +88,12 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     return out
 
 
-def caption_images(cap: "Captioner", images: list, method: str = "Beam search",
-                   beam_size: int = SHIPPED.beam_size,
-                   max_len: int = 20, n_best: int = 3, temperature: float = 1.0,
-                   views: int = 1, rerank: int = SHIPPED.rerank) -> list[list[tuple[str, float]]]:
-    """(caption, log-prob) alternatives per image, best first, for any of the UI's decoding methods."""
-    return [c.alternatives for c in captions(cap, images, method, beam_size, max_len, n_best, temperature, views,
-                                             rerank)]
-
-
 def captions(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = SHIPPED.beam_size,
              max_len: int = 20, n_best: int = 3, temperature: float = 1.0, views: int = 1,
              rerank: int = SHIPPED.rerank, attention: bool = False) -> list["Caption"]:
-    """`caption_images` as Captions; `attention` adds each caption's attention per word where the method
-    has one beam path to follow (beam search, greedy) and the model attends over regions."""
+    """Captions with their (caption, log-prob) alternatives, best first, for any of the UI's decoding methods;
+    `attention` adds each caption's attention per word where the method has one beam path to follow (beam
+    search, greedy) and the model attends over regions."""
     from .inference import Caption
     features = cap.encode(images, views=views)
     if method == "Sampling":
@@ -275,8 +267,8 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                 except ImageError as e:
                     rows[row][3] = str(e)
             if loaded:
-                for (row, _), alts in zip(loaded, caption_images(cap, [im for _, im in loaded], *settings)):
-                    rows[row][1:3] = [alts[0][0], round(alts[0][1], 3)]
+                for (row, _), c in zip(loaded, captions(cap, [im for _, im in loaded], *settings)):
+                    rows[row][1:3] = [c.text, round(c.logprob, 3)]
         for old in out_dir.iterdir():  # keep the folder small on a long-running server
             if time.time() - old.stat().st_mtime > 3600:
                 old.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ The model is CAPTIONER_TEST_MODEL when set, else the bundled one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -272,45 +273,57 @@ def _playwright():
     return sync_playwright
 
 
-def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
+CAPTION_SHOWN = "document.querySelector('#caption textarea')?.value.trim().length > 0"
+
+
+@contextlib.contextmanager
+def _demo_page(server: str, height: int):
+    """A chromium page on the demo, loaded and idle."""
     sync_playwright = _playwright()
-    shot = ROOT / "test-artifacts" / "demo.png"
-    shot.parent.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": height})
             page.goto(server, wait_until="networkidle")
-            page.locator("#photo input[type=file]").set_input_files(str(photo))
-            page.wait_for_function("document.querySelector('#caption textarea')?.value.trim().length > 0",
-                                   timeout=60_000)
-            page.wait_for_timeout(500)  # let the alternatives table render for the screenshot
-            text = page.locator("#caption textarea").input_value()
-            page.screenshot(path=str(shot), full_page=True)
-            # A bad file: the page says why, and the next photo is captioned as before.
-            page.locator("#photo button[aria-label='Remove Image']").first.click()
-            page.locator("#photo input[type=file]").set_input_files(str(make_bad("truncated", tmp_path, photo)))
-            page.get_by_text("corrupt or truncated image").first.wait_for(timeout=60_000)
-            page.wait_for_timeout(1000)  # the message slides in
-            page.screenshot(path=str(shot.with_name("demo-error.png")), full_page=True)
-            shown_badge = "[data-testid=status-tracker]:not(.hide) .error"  # gradio's red "Error" on an output
-            calm = page.locator(f"#caption {shown_badge}").count() == 0  # the toast says it all
-            # An example is one click away, and captioned like any upload.
-            page.get_by_role("button", name="Close").first.click()
-            page.locator("#photo button[aria-label='Remove Image']").first.click()
-            page.wait_for_function("document.querySelector('#caption textarea')?.value === ''", timeout=60_000)
-            page.locator(".gallery-item").first.click()
-            page.wait_for_function("document.querySelector('#caption textarea')?.value.trim().length > 0",
-                                   timeout=60_000)
-            example_text = page.locator("#caption textarea").input_value()
-            # "Caption all" with no files: the toast, and no red badges on the table or the downloads
-            page.get_by_role("tab", name="Batch").click()
-            page.get_by_role("button", name="Caption all").click()
-            page.get_by_text("Choose some image files first").first.wait_for(timeout=60_000)
-            batch_calm = all(page.locator(f"#batch-{part} {shown_badge}").count() == 0
-                             for part in ("table", "downloads"))
+            yield page
         finally:
             browser.close()
+
+
+def _upload(page, photo: Path) -> str:
+    """Upload a photo on the single-image tab and wait for its caption."""
+    page.locator("#photo input[type=file]").set_input_files(str(photo))
+    page.wait_for_function(CAPTION_SHOWN, timeout=60_000)
+    return page.locator("#caption textarea").input_value()
+
+
+def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
+    shot = ROOT / "test-artifacts" / "demo.png"
+    shot.parent.mkdir(exist_ok=True)
+    with _demo_page(server, 1000) as page:
+        text = _upload(page, photo)
+        page.wait_for_timeout(500)  # let the alternatives table render for the screenshot
+        page.screenshot(path=str(shot), full_page=True)
+        # A bad file: the page says why, and the next photo is captioned as before.
+        page.locator("#photo button[aria-label='Remove Image']").first.click()
+        page.locator("#photo input[type=file]").set_input_files(str(make_bad("truncated", tmp_path, photo)))
+        page.get_by_text("corrupt or truncated image").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)  # the message slides in
+        page.screenshot(path=str(shot.with_name("demo-error.png")), full_page=True)
+        shown_badge = "[data-testid=status-tracker]:not(.hide) .error"  # gradio's red "Error" on an output
+        calm = page.locator(f"#caption {shown_badge}").count() == 0  # the toast says it all
+        # An example is one click away, and captioned like any upload.
+        page.get_by_role("button", name="Close").first.click()
+        page.locator("#photo button[aria-label='Remove Image']").first.click()
+        page.wait_for_function("document.querySelector('#caption textarea')?.value === ''", timeout=60_000)
+        page.locator(".gallery-item").first.click()
+        page.wait_for_function(CAPTION_SHOWN, timeout=60_000)
+        example_text = page.locator("#caption textarea").input_value()
+        # "Caption all" with no files: the toast, and no red badges on the table or the downloads
+        page.get_by_role("tab", name="Batch").click()
+        page.get_by_role("button", name="Caption all").click()
+        page.get_by_text("Choose some image files first").first.wait_for(timeout=60_000)
+        batch_calm = all(page.locator(f"#batch-{part} {shown_badge}").count() == 0 for part in ("table", "downloads"))
     assert text.strip() and example_text.strip()
     assert calm, "red badges beside the error toast (single image)"
     assert batch_calm, "red badges beside the error toast (batch)"
@@ -319,32 +332,22 @@ def test_browser_upload_shows_caption_and_errors(server, photo, tmp_path):
 def test_browser_word_shows_where_it_looked(server, cap, photo):
     """After a caption, its words are offered one by one; picking one shows the photo under that word's
     attention, the weights the caption's own decoding ran with (the bundled model attends over regions)."""
-    sync_playwright = _playwright()
     if not cap.decoder.cfg.regions:
         pytest.skip("the model does not attend over regions")
     shot = ROOT / "test-artifacts" / "demo-attention.png"
     shot.parent.mkdir(exist_ok=True)
     want = cap.caption_full([photo], attention=True)[0]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1200})
-            page.goto(server, wait_until="networkidle")
-            page.locator("#photo input[type=file]").set_input_files(str(photo))
-            page.wait_for_function("document.querySelector('#caption textarea')?.value.trim().length > 0",
-                                   timeout=60_000)
-            text = page.locator("#caption textarea").input_value()
-            n = len(text.split())
-            page.wait_for_function(f"document.querySelectorAll('#words input[type=radio]').length === {n}",
-                                   timeout=60_000)
-            page.wait_for_function("document.querySelector('#attention img')?.src", timeout=60_000)
-            words = page.locator("#words label").all_inner_texts()
-            first = page.locator("#attention img").get_attribute("src")
-            page.locator("#words label").nth(2).click()
-            page.wait_for_function(f"document.querySelector('#attention img')?.src !== {first!r}", timeout=60_000)
-            page.wait_for_timeout(500)  # the new image paints
-            checked = page.locator("#words input[type=radio]").nth(2).is_checked()
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with _demo_page(server, 1200) as page:
+        text = _upload(page, photo)
+        n = len(text.split())
+        page.wait_for_function(f"document.querySelectorAll('#words input[type=radio]').length === {n}",
+                               timeout=60_000)
+        page.wait_for_function("document.querySelector('#attention img')?.src", timeout=60_000)
+        words = page.locator("#words label").all_inner_texts()
+        first = page.locator("#attention img").get_attribute("src")
+        page.locator("#words label").nth(2).click()
+        page.wait_for_function(f"document.querySelector('#attention img')?.src !== {first!r}", timeout=60_000)
+        page.wait_for_timeout(500)  # the new image paints
+        checked = page.locator("#words input[type=radio]").nth(2).is_checked()
+        page.screenshot(path=str(shot), full_page=True)
     assert [w.strip() for w in words] == text.split() == want.text.split() and checked
