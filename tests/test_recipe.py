@@ -111,7 +111,10 @@ def test_shipped_recipes_are_valid(monkeypatch):
     assert {c.name for c in configs} >= {"flickr8k.json", "coco.json"}
     for c in configs:
         r = mod.Recipe(c, None)
-        assert r.seeds and r.scst and r.cfg.data
+        assert r.seeds and r.cfg.data
+    # another draw of the bundled recipe: new seeds on the same CNNs, in its own folder
+    r = mod.Recipe(RECIPE.parent / "flickr8k-coco.json", None, seeds=[3, 4], out="runs/draw2")
+    assert r.seeds == [3, 4] and r.out == Path("runs/draw2") and list(r.encoders.values()) == r.recipe.encoders
 
 
 def test_info_prints_the_bundled_models_card(capsys, tmp_path):

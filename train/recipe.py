@@ -1,10 +1,12 @@
 """The bundled model's whole recipe in one command: encoder features once, one cross-entropy run per seed
-side by side (one core each; "encoders" gives each seed its own CNN), SCST on each, every seed scored on dev,
-then the runs bundled as one file (an ensemble of all seeds, or with "keep": "best" the best seed alone;
-float16 weights, or with "storage": "int8" 8-bit ones at half the size) and that file scored on dev.
+side by side (one core each; "encoders" gives each seed its own CNN), SCST on each where the config has
+"scst", every seed scored on dev, then the runs bundled as one file (an ensemble of all seeds, or with
+"keep": "best" the best seed alone; float16 weights, or with "storage": "int8" 8-bit ones at half the size)
+and that file scored on dev.
 
     python train/recipe.py train/flickr8k.json             # everything under the config's "out"
     python train/recipe.py train/flickr8k.json --install   # then make it the package's bundled model
+    python train/recipe.py train/flickr8k.json --seeds 3 4 --out runs/draw2   # another draw, for the spread
 
 Run it from the repository root (the config's paths are relative to it). Interrupted (Ctrl-C, a crash,
 a reboot), the same command continues: finished runs are kept, cross-entropy runs resume mid-epoch, an
@@ -55,13 +57,14 @@ def _rss_mb(roots: list[int]) -> float:
 
 
 class Recipe:
-    def __init__(self, config: Path, cache_dir: str | None):
+    def __init__(self, config: Path, cache_dir: str | None, seeds: list[int] | None = None, out: str | None = None):
         try:
             conf = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise CaptionerError(f"cannot read recipe {config}: {e}") from None
         if not isinstance(conf, dict):
             raise CaptionerError(f"{config} must hold a JSON object")
+        conf = {**conf, **({"seeds": seeds} if seeds else {}), **({"out": out} if out else {})}
         self.config = config
         self.recipe, options = RecipeConfig.split(conf, str(config))
         self.seeds, self.scst, self.keep, self.storage = (self.recipe.seeds, self.recipe.scst, self.recipe.keep,
@@ -266,10 +269,13 @@ def main() -> None:
     p.add_argument("config", help="recipe JSON: training options plus 'seeds' and 'scst' (e.g. train/flickr8k.json)")
     p.add_argument("--install", action="store_true", help="copy the result over the package's bundled model")
     p.add_argument("--cache-dir", help="feature cache folder (default: ~/.cache/captioner/features)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="these seeds instead of the config's: another draw of the same recipe, for its spread")
+    p.add_argument("--out", help="recipe folder instead of the config's \"out\"")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a `kill` stops the runs as cleanly as Ctrl-C
     try:
-        Recipe(Path(args.config), args.cache_dir).run(args.install)
+        Recipe(Path(args.config), args.cache_dir, args.seeds, args.out).run(args.install)
     except CaptionerError as e:
         sys.exit(f"recipe: {e}")
     except KeyboardInterrupt:
