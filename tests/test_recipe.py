@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from captioner.config import Decoding
-
-BEAM_SIZE, RERANK = Decoding().beam_size, Decoding().rerank
-from captioner.inference import Captioner
-from captioner.model import Ensemble
 from conftest import make_images, make_tiny_dataset
 
+from captioner.config import Decoding
+from captioner.inference import Captioner
+from captioner.model import Ensemble
+
+BEAM_SIZE, RERANK = Decoding().beam_size, Decoding().rerank
 RECIPE = Path(__file__).parent.parent / "train" / "recipe.py"
 
 
