@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, fields
 from typing import Callable
 
 from .config import MAX_BEAM, PRECISIONS, Decoding, RecipeConfig, ScstConfig, TrainConfig
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.from_dict({**(_read_config(args.config) if args.config else {}), **given(args, TrainConfig)})
         if not cfg.data:
-            replace(cfg, data="-").validate()  # a bad option is named before the missing --data
+            cfg.validate_options()
             raise CaptionerError("--data is required (or --resume RUN_DIR, or a --config that names it)")
         if os.path.isfile(os.path.join(cfg.out, "state.safetensors")) and not args.overwrite:
             raise CaptionerError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "

@@ -147,6 +147,7 @@ class TrainConfig:
         return self.data if isinstance(self.data, list) else [self.data]
 
     def validate(self) -> "TrainConfig":
+        self.validate_options()
         if isinstance(self.data, list) and len(self.data) == 1:
             self.data = self.data[0]
         if not all(isinstance(x, str) and x for x in self.sources):
@@ -156,6 +157,10 @@ class TrainConfig:
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in w)):
             raise CaptionerError(f"source weights must be {len(self.sources)} number(s) >= 0, one per --data, "
                                  f"not all 0; got {w!r}")
+        return self
+
+    def validate_options(self) -> "TrainConfig":
+        """Every check but the data's, so that a bad option is named even before the data is given."""
         _check_types(self, skip=("data", "source_weights"))
         checks = [(self.batch_size >= 1, "batch size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (0 < self.lr < math.inf, "learning rate must be > 0"),
