@@ -191,7 +191,7 @@ def recipe_decoder(cfg: dict, vocab: int, feature_dim: int, device: str) -> Show
 
 def beam_kwargs(beam: int) -> dict:
     return dict(beam_size=beam, max_len=SHIPPED.max_len, length_penalty=SHIPPED.length_penalty, suppress_unk=True,
-                block_trigrams=SHIPPED.block_trigrams)
+                block_trigrams=SHIPPED.block_trigrams, block_repeats=SHIPPED.block_repeats)
 
 
 def batched_beam(decoder, feats: torch.Tensor, vocab: Vocabulary, beam: int, batch: int) -> list:

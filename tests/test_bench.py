@@ -1,4 +1,5 @@
-"""eval/bench.py: the smallest latency run writes a well-formed results row."""
+"""eval/bench.py: the smallest latency run writes a well-formed results row; the decoding grid's shipped setting
+scores what `captioner evaluate` scores."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from captioner import Decoding
+from captioner.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "eval" / "bench.py"
@@ -39,3 +43,18 @@ def test_latency_appends_rows_with_header_once(tmp_path: Path) -> None:
     assert value > 0 and baseline > 0
     assert math.isfinite(ratio) and ratio > 0 and ratio == pytest.approx(1.0)  # the baseline against itself
     assert "model=bundled" in row["case"] and "pizza.jpg" in row["notes"]
+
+
+def test_decoding_grid_shipped_setting_matches_evaluate(tmp_path: Path, coco_mini: Path) -> None:
+    shipped = Decoding()
+    results = tmp_path / "grid.csv"  # the first 24 photos hold captions that the repeat rule changes
+    done = subprocess.run([sys.executable, str(BENCH), "decoding-grid", "--data", str(coco_mini), "--limit", "24",
+                           "--length-penalty", str(shipped.length_penalty), "--fmean", str(shipped.rerank_fmean),
+                           "--results-file", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(results, newline="") as f:
+        grid = {r["metric"]: float(r["value"]) for r in csv.DictReader(f)}
+    want = evaluate(None, coco_mini, "dev", shipped, limit=24, progress=False)["metrics"]
+    assert grid.keys() == want.keys()
+    for k, v in want.items():  # the same captions, so the same scores: the grid's baseline is what ships
+        assert grid[k] == pytest.approx(v, abs=0.0051), k  # evaluate rounds to 2 decimals
