@@ -45,8 +45,9 @@ class Decoding:
     rerank_fmean: float = option(0.5, "METEOR's unigram F-mean's share, 0 to 1, of that agreement; the rest "
                                       "is BLEU+1", metavar="W", lo=0.0, hi=1.0)
     block_trigrams: bool = option(True, "never repeat a word trigram within a caption (beam search)")
-    block_repeats: bool = option(True, "never repeat a content word within a caption: nouns, verbs, adjectives, "
-                                        "not articles, prepositions, colours or numbers (captioner/vocab.py)")
+    block_repeats: bool = option(True, "never repeat a content word within a caption, in the singular or the "
+                                        "plural: nouns, verbs, adjectives, not articles, prepositions, colours or "
+                                        "numbers (captioner/vocab.py)")
     views: int = option(1, "average the features of N views of each image: 1 the image, 2 and its mirror image, "
                            "6 and its four corner crops (the encoder runs N times)", choices=VIEWS)
 

@@ -180,15 +180,18 @@ def _block_trigrams(logp: torch.Tensor, prefix: torch.Tensor, pad_id: int) -> No
 
 
 def _block_repeats(logp: torch.Tensor, prefix: torch.Tensor, vocab: Vocabulary) -> None:
-    """No content word that its caption has said already. prefix [N, t]: each row's words so far."""
+    """No content word that its caption has said already, in the singular or the plural. prefix [N, t]: each
+    row's words so far."""
     if prefix.shape[1] == 0:
         return
-    content = vocab.__dict__.get("_content")
-    if content is None or content.device != logp.device:
-        content = torch.tensor(vocab.content_words(), device=logp.device)
-        vocab.__dict__["_content"] = content
-    seen = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, prefix, True)
-    logp.masked_fill_(seen & content, -float("inf"))
+    cached = vocab.__dict__.get("_repeats")
+    if cached is None or cached[0].device != logp.device:
+        cached = (torch.tensor(vocab.content_words(), device=logp.device),
+                  torch.tensor(vocab.repeat_groups(), device=logp.device))
+        vocab.__dict__["_repeats"] = cached
+    content, groups = cached
+    said = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, groups[prefix], True)
+    logp.masked_fill_(said.index_select(1, groups) & content, -float("inf"))
 
 
 def _attention_shape(model: Decoder) -> tuple[int, int]:
@@ -336,7 +339,7 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
     `attention`, each beam carries its own steps' attention as it goes."""
     if attention:
         _attention_shape(model)
-    content = vocab.content_words()
+    content, groups = vocab.content_words(), vocab.repeat_groups()
     results = []
     for b in range(features.shape[0]):
         beams = [([], 0.0, model.init_state(features[b:b + 1]), False, [])]
@@ -358,7 +361,9 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
                 if block_repeats:
                     for w in toks:
                         if content[w]:
-                            logp[w] = -float("inf")
+                            for v in range(len(groups)):
+                                if groups[v] == groups[w]:
+                                    logp[v] = -float("inf")
                 top, ids = logp.topk(beam_size)
                 for lp, w in zip(top.tolist(), ids.tolist()):
                     if lp == -float("inf"):

@@ -137,9 +137,10 @@ def all_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
 
 
 def repetition(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """How often captions repeat a content word (vocab.FUNCTION_WORDS names what is not one), in percent, for
-    the model's captions and for the human references of the same images, and how many of the model's
-    captions are degenerate ("X on a X", "eating eating"): people do the first now and then, never the second."""
+    """How often captions repeat a content word (vocab.FUNCTION_WORDS names what is not one; a plural and its
+    singular are one word), in percent, for the model's captions and for the human references of the same
+    images, and how many of the model's captions are degenerate ("X on a X", "eating eating"): people do the
+    first now and then, never the second."""
     toks = [tokenize(h) for h in hypotheses]
     refs = [tokenize(r) for rs in references for r in rs]
     share = lambda caps: 100.0 * sum(repeated_word(c) is not None for c in caps) / max(len(caps), 1)  # noqa: E731

@@ -139,6 +139,7 @@ class OnnxCaptioner:
         self.step_inputs = [i.name for i in self.step_net.get_inputs()]
         self.state_names = [o.name for o in self.init_net.get_outputs()]  # h, c and, with attention, memory
         self.content = np.array(self.vocab.content_words())  # what block_repeats forbids saying twice
+        self.groups = np.array(self.vocab.repeat_groups())  # a plural and its singular count as one word
 
     # --- encoding ---------------------------------------------------------------------------------------
     def encode(self, images: Sequence[ImageSource], views: int = 1, batch_size: int = 4) -> np.ndarray:
@@ -234,13 +235,14 @@ def _block_trigrams(logp: np.ndarray, prefix: np.ndarray, pad_id: int) -> None:
     logp[np.arange(len(prefix))[:, None], np.where(seen, prefix[:, 2:], pad_id)] = NEG_INF
 
 
-def _block_repeats(logp: np.ndarray, prefix: np.ndarray, content: np.ndarray) -> None:
-    """decoding._block_repeats: no content word that its row's words `prefix` hold already."""
+def _block_repeats(logp: np.ndarray, prefix: np.ndarray, content: np.ndarray, groups: np.ndarray) -> None:
+    """decoding._block_repeats: no content word that its row's words `prefix` hold already, in the singular
+    or the plural."""
     if prefix.shape[1] == 0:
         return
-    seen = np.zeros(logp.shape, dtype=bool)
-    seen[np.arange(len(prefix))[:, None], prefix] = True
-    logp[seen & content] = NEG_INF
+    said = np.zeros(logp.shape, dtype=bool)
+    said[np.arange(len(prefix))[:, None], groups[prefix]] = True
+    logp[said[:, groups] & content] = NEG_INF
 
 
 def greedy(cap: OnnxCaptioner, features: np.ndarray, max_len: int = 20, suppress_unk: bool = False,
@@ -258,7 +260,7 @@ def greedy(cap: OnnxCaptioner, features: np.ndarray, max_len: int = 20, suppress
         logp = logp.astype(np.float64)
         _mask(logp, t, vocab, suppress_unk)
         if block_repeats:
-            _block_repeats(logp, out[live, :t], cap.content)
+            _block_repeats(logp, out[live, :t], cap.content, cap.groups)
         tokens = logp.argmax(-1)
         logprob[live] += logp[np.arange(len(tokens)), tokens]
         out[live, t] = tokens
@@ -311,7 +313,7 @@ def beam_search(cap: OnnxCaptioner, features: np.ndarray, beam_size: int = 3, ma
         if block_trigrams:
             _block_trigrams(logp, prefix, vocab.pad_id)
         if block_repeats:
-            _block_repeats(logp, prefix, cap.content)
+            _block_repeats(logp, prefix, cap.content, cap.groups)
         words = _topk(logp, W)
         best = np.take_along_axis(logp, words, 1).astype(np.float64)
         done_l = finished[live]

@@ -22,7 +22,8 @@ def tokenize(text: str) -> list[str]:
 
 # Words whose repetition within a caption is ordinary ("a man and a woman on a bench", "a black and white
 # dog"): articles, prepositions, conjunctions, pronouns, auxiliaries, colours and numbers. Any other word
-# said twice ("a man riding a bicycle on a bicycle") is a repeated content word (`repeated_word`).
+# said twice ("a man riding a bicycle on a bicycle"), or once in the plural and once in the singular, is a
+# repeated content word (`repeated_word`).
 FUNCTION_WORDS = frozenset("""
 a an the this that these those some another other each one two three four five six several many few
 of in on at to into onto from with without by for over under above below near next beside behind between
@@ -35,15 +36,35 @@ black white red blue green yellow orange brown pink purple gray grey silver gold
 """.split())
 
 
+# Plurals that no ending rule undoes.
+IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "feet": "foot",
+                     "teeth": "tooth", "mice": "mouse", "geese": "goose"}
+
+
+def singular(word: str) -> str:
+    """A plural noun's singular ("sinks" -> "sink", "benches" -> "bench", "men" -> "man"); any other word as
+    it is. Repetition is judged on these, so "two sinks and a sink" says a word twice."""
+    if word in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[word]
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "xes", "sses")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
 def repeated_word(words: Sequence[str]) -> str | None:
-    """The first content word (not in FUNCTION_WORDS) that occurs twice in a tokenized caption, or None."""
+    """The first content word (not in FUNCTION_WORDS) that occurs twice in a tokenized caption, a plural and
+    its singular counting as one word, or None."""
     seen = set()
     for w in words:
         if w in FUNCTION_WORDS:
             continue
-        if w in seen:
+        if singular(w) in seen:
             return w
-        seen.add(w)
+        seen.add(singular(w))
     return None
 
 
@@ -52,7 +73,7 @@ def degenerate(words: Sequence[str]) -> bool:
     again after a preposition and an article, "a wave on a wave")."""
     if any(a == b for a, b in zip(words, words[1:])):
         return True
-    return any(x == y and x not in FUNCTION_WORDS and p not in ("and", "or") for x, p, _, y in
+    return any(singular(x) == singular(y) and x not in FUNCTION_WORDS and p not in ("and", "or") for x, p, _, y in
                zip(words, words[1:], words[2:], words[3:]) if _ in ("a", "an", "the"))
 
 
@@ -110,6 +131,12 @@ class Vocabulary:
         """Per id, whether `block_repeats` forbids saying it twice: <unk> and every word outside FUNCTION_WORDS
         ("a <unk> looking at a <unk>" repeats itself as much as "a wave on a wave")."""
         return [i == self.unk_id or (i >= len(SPECIALS) and w not in FUNCTION_WORDS) for i, w in enumerate(self.itos)]
+
+    def repeat_groups(self) -> list[int]:
+        """Per id, the number of its word's group: a plural and its singular share one (`singular`), so
+        `block_repeats` bars "sink" after "sinks"."""
+        group: dict[str, int] = {}
+        return [group.setdefault(singular(w) if i >= len(SPECIALS) else w, len(group)) for i, w in enumerate(self.itos)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words up to the first <end>; pad and start are never shown."""

@@ -114,6 +114,25 @@ def test_repeat_blocking_batched_equals_reference_and_never_repeats_a_content_wo
     assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in ref]
 
 
+def test_repeat_blocking_bars_a_plural_after_its_singular_in_torch_and_numpy():
+    """After "sinks", neither "sinks" nor "sink" may come; "bench" and function words still may, in both the
+    torch search and the torch-free one that ONNX exports run."""
+    import numpy as np
+    from captioner import onnx_runtime
+    from captioner.decoding import _block_repeats
+    from captioner.vocab import SPECIALS, Vocabulary
+    vocab = Vocabulary([*SPECIALS, "a", "sinks", "sink", "bench", "and"])
+    prefix = [[vocab.stoi["a"], vocab.stoi["sinks"], vocab.stoi["and"]]]
+    barred = {vocab.stoi["sinks"], vocab.stoi["sink"]}
+    logp = torch.zeros(1, len(vocab.itos))
+    _block_repeats(logp, torch.tensor(prefix), vocab)
+    assert {i for i, v in enumerate(logp[0].tolist()) if v == -float("inf")} == barred
+    logp_np = np.zeros((1, len(vocab.itos)), dtype=np.float32)
+    onnx_runtime._block_repeats(logp_np, np.array(prefix), np.array(vocab.content_words()),
+                                np.array(vocab.repeat_groups()))
+    assert set(np.flatnonzero(np.isneginf(logp_np[0])).tolist()) == barred
+
+
 def test_captioner_and_cli_block_repeats_by_default(real):
     """The shipped path (`Captioner.decode`, beam 10 reranked) repeats no trigram and no content word, and
     no caption is degenerate ("a wave on a wave"), unless told otherwise; without either rule some do."""

@@ -1,4 +1,4 @@
-from captioner.vocab import Vocabulary, tokenize
+from captioner.vocab import SPECIALS, Vocabulary, degenerate, repeated_word, singular, tokenize
 
 
 def test_tokenize_matches_training_and_eval_rules():
@@ -20,3 +20,19 @@ def test_vocabulary_round_trip_and_unk():
     again = Vocabulary(v.to_list())
     assert again.itos == v.itos and again.encode("a dog") == v.encode("a dog")
     assert v.decode([v.start_id, 4, v.pad_id, 5, v.end_id, 6]) == f"{v.itos[4]} {v.itos[5]}"
+
+
+def test_a_plural_and_its_singular_count_as_one_word():
+    assert [singular(w) for w in ("sinks", "benches", "boxes", "glasses", "puppies", "men", "horses")] == \
+        ["sink", "bench", "box", "glass", "puppy", "man", "horse"]
+    assert [singular(w) for w in ("grass", "bus", "tennis", "dress", "sink", "ties")] == \
+        ["grass", "bus", "tennis", "dress", "sink", "tie"]
+    assert repeated_word(tokenize("a kitchen with two sinks and a sink")) == "sink"
+    assert repeated_word(tokenize("two men and a man on a bench")) == "man"
+    assert repeated_word(tokenize("a man and a woman walk two dogs")) is None
+    assert degenerate(tokenize("a bird on a birds")) and not degenerate(tokenize("a bird on a branch"))
+    vocab = Vocabulary([*SPECIALS, "a", "sinks", "sink", "bench", "benches", "and"])
+    groups = vocab.repeat_groups()
+    assert groups[vocab.stoi["sinks"]] == groups[vocab.stoi["sink"]] != groups[vocab.stoi["bench"]]
+    assert groups[vocab.stoi["bench"]] == groups[vocab.stoi["benches"]]
+    assert len(set(groups)) == len(vocab.itos) - 2
