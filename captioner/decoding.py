@@ -339,7 +339,7 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
     `attention`, each beam carries its own steps' attention as it goes."""
     if attention:
         _attention_shape(model)
-    content, groups = vocab.content_words(), vocab.repeat_groups()
+    content, groups = vocab.content_words(), torch.tensor(vocab.repeat_groups(), device=features.device)
     results = []
     for b in range(features.shape[0]):
         beams = [([], 0.0, model.init_state(features[b:b + 1]), False, [])]
@@ -361,9 +361,7 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
                 if block_repeats:
                     for w in toks:
                         if content[w]:
-                            for v in range(len(groups)):
-                                if groups[v] == groups[w]:
-                                    logp[v] = -float("inf")
+                            logp[groups == groups[w]] = -float("inf")
                 top, ids = logp.topk(beam_size)
                 for lp, w in zip(top.tolist(), ids.tolist()):
                     if lp == -float("inf"):

@@ -62,9 +62,10 @@ def repeated_word(words: Sequence[str]) -> str | None:
     for w in words:
         if w in FUNCTION_WORDS:
             continue
-        if singular(w) in seen:
+        key = singular(w)
+        if key in seen:
             return w
-        seen.add(singular(w))
+        seen.add(key)
     return None
 
 
