@@ -256,3 +256,43 @@ def test_image_step_equals_nn_lstm_from_a_zero_state(layers):
         m.zero_grad()
 
 
+
+
+def test_caption_styles_reach_every_step_and_decoding_takes_the_one_in_use():
+    """A styled decoder's teacher-forced pass, given each caption's style, equals step-by-step decoding in that
+    style (model.step and the fast decoding._step, whose word table folds the style in); styles change the
+    words' scores; and a fresh style vector is zero, so training starts from the unstyled model."""
+    from captioner.decoding import _step
+    from captioner.model import use_style
+    torch.manual_seed(0)
+    plain = ShowAndTell(DecoderConfig(30, 30, 8, 16, dropout=0.0, regions=4, att_dim=5)).eval()
+    m = ShowAndTell(DecoderConfig(30, 30, 8, 16, dropout=0.0, regions=4, att_dim=5, styles=["a", "b"], style="b"))
+    m.load_state_dict({**plain.state_dict(), "style_embed.weight": torch.zeros(2, 8)})
+    m.eval()
+    feats, caps, lens = torch.randn(3, 30), torch.randint(4, 30, (3, 7)), torch.tensor([7, 5, 6])
+    with torch.inference_mode():
+        torch.testing.assert_close(m(feats, caps, lens)[0], plain(feats, caps, lens)[0])
+        m.style_embed.weight.normal_()
+        by_style = {}
+        for name, index in (("a", 0), ("b", 1)):
+            logits, _ = m(feats, caps, lens, style=torch.full((3,), index))
+            by_style[name] = logits
+            use_style(m, name)
+            for step in (m.step, lambda t, s: _step(m, t, s)):
+                state, rows = m.init_state(feats), []
+                for t in range(6):
+                    logp, state = step(caps[:, t], state)
+                    rows.append(logp)
+                order = lens.argsort(descending=True)  # packed: time-major, longest caption first
+                steps, left = torch.stack(rows, 1)[order], lens[order] - 1
+                packed = torch.cat([steps[left > t, t] for t in range(6)])
+                torch.testing.assert_close(packed, torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(by_style["a"], by_style["b"], atol=1e-3)
+        mixed, _ = m(feats, caps, lens, style=torch.tensor([0, 1, 0]))  # each row in its own style
+        for row, name in ((0, "a"), (1, "b")):
+            order = lens.argsort(descending=True).tolist()
+            at = [sum(int(x > t) for x in lens[order] - 1) for t in range(6)]  # rows per time step
+            pos = [sum(at[:t]) + order.index(row) for t in range(int(lens[row]) - 1)]
+            torch.testing.assert_close(mixed[pos], by_style[name][pos])
+    with pytest.raises(ValueError, match="unknown caption style 'c'"):
+        use_style(m, "c")

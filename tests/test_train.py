@@ -450,3 +450,42 @@ def test_limit_trains_on_a_sample_of_the_images_and_plots_from_one_epoch(tiny_da
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
     with pytest.raises(CaptionerError, match="limit"):
         _cfg(tiny_data, tmp_path / "x", limit=-1).validate()
+
+
+def test_caption_styles_follow_each_source(tmp_path):
+    """--style: two sources caption the same photos in their own manner; the model writes each source's manner
+    when asked, its default one otherwise, and `evaluate` takes the style of the source named like its data."""
+    from captioner.evaluate import evaluate
+    from conftest import TINY_WORDS, make_images
+    manners = {"plain": "a {} {} photo", "terse": "the {} {} picture"}
+    for name, manner in manners.items():
+        make_images(tmp_path / name, 10)
+        rows = ["image,caption,split"] + [
+            f"img{i}.jpg,{manner.format(TINY_WORDS[i % 8], TINY_WORDS[(i + j) % 8])},{'dev' if i >= 8 else 'train'}"
+            for i in range(10) for j in range(3)]
+        (tmp_path / name / "caps.csv").write_text("\n".join(rows) + "\n")
+    data = [str(tmp_path / n / "caps.csv") for n in manners]
+    out = tmp_path / "run"
+    train(_cfg(tmp_path / "plain", out, data=data, style="terse", epochs=25, lr=1e-2, hidden_dim=32, select="last", patience=100, dropout=0.0,
+               cache_dir=str(tmp_path / "cache")), progress=False)
+    cap = Captioner.load(out / "best.safetensors")
+    assert cap.styles == ["terse", "plain"]  # the default first
+    photos = [tmp_path / "plain" / f"img{i}.jpg" for i in range(8)]
+    plain, terse, default = (cap.caption(photos, style=s) for s in ("plain", "terse", "auto"))
+    assert all(c.startswith("a ") and c.endswith(" photo") for c in plain), plain
+    assert all(c.startswith("the ") and c.endswith(" picture") for c in terse), terse
+    assert default == terse
+    with pytest.raises(CaptionerError, match="unknown caption style 'other'"):
+        cap.caption(photos[0], style="other")
+    for name in manners:
+        r = evaluate(out / "best.safetensors", tmp_path / name / "caps.csv", split="dev", progress=False,
+                     cache_dir=str(tmp_path / "cache"), workers=0)
+        assert r["settings"]["style"] == name
+        assert all(c.endswith(" photo" if name == "plain" else " picture") for c in r["captions"]), r["captions"]
+    from captioner.config import ScstConfig
+    from captioner.scst import train_scst
+    with pytest.raises(CaptionerError, match="SCST fine-tunes models trained without --style"):
+        train_scst(ScstConfig(init=str(out / "best.safetensors"), data=data, out=str(tmp_path / "scst")), progress=False)
+    with pytest.raises(CaptionerError, match="not a training source's name"):
+        train(_cfg(tmp_path / "plain", tmp_path / "bad", data=data, style="other", cache_dir=str(tmp_path / "cache")),
+              progress=False)
