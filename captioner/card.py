@@ -43,11 +43,8 @@ def architecture(meta: dict) -> str:
     cnns = [m["name"] for m in enc.get("stack", [])] or [enc["name"]]
     att = f", attending over {dec['regions']} image regions at every word" if dec.get("regions") else ""
     who = f"{n} LSTM decoders voting" if n > 1 else "one LSTM decoder"
-    styles = dec.get("styles") or []
-    styled = (f"; a caption style per training source: {dec['style']} (the default), "
-              f"{', '.join(x for x in styles if x != dec['style'])}" if len(styles) > 1 else "")
     return (f"{who} ({dec['hidden_dim']} units, {dec['vocab_size']} words{att}), reading "
-            f"{' and '.join(cnns)} features{styled}; weights stored as {meta.get('storage', 'float32')}")
+            f"{' and '.join(cnns)} features; weights stored as {meta.get('storage', 'float32')}")
 
 
 def make_card(meta: dict, name: str, data: list[str], recipe: str, scores: dict[str, dict],

@@ -48,10 +48,6 @@ class Decoding:
     block_repeats: bool = option(True, "never repeat a content word within a caption, in the singular or the "
                                         "plural: nouns, verbs, adjectives, not articles, prepositions, colours or "
                                         "numbers (captioner/vocab.py)")
-    style: str = option("auto", "caption style, for a model that learned one per training source (`captioner "
-                                "info` lists them): a source's name, or auto: the model's default; `evaluate` "
-                                "takes the style of the source named like its data, where the model has one",
-                        metavar="SOURCE")
     views: int = option(1, "average the features of N views of each image: 1 the image, 2 and its mirror image, "
                            "6 and its four corner crops (the encoder runs N times)", choices=VIEWS)
 
@@ -75,8 +71,7 @@ class Decoding:
                 how += f", {min(self.rerank, self.beam_size)} best reranked (F-mean share {self.rerank_fmean:g})"
             how += ", trigram blocking" if self.block_trigrams else ", no trigram blocking"
             how += ", no repeated content word" if self.block_repeats else ""
-        return how + (f", {self.views} views" if self.views > 1 else "") + \
-            (f", {self.style} style" if self.style != "auto" else "")
+        return how + (f", {self.views} views" if self.views > 1 else "")
 
 
 @dataclass
@@ -89,9 +84,6 @@ class TrainConfig:
     source_weights: list[float] | None = option(None, "with several --data: each source's share of an epoch's "
                                                       "captions (1 1: balanced); unset: in proportion to their sizes",
                                                 nargs="+", metavar="W")
-    style: str = option("", "with several --data: learn a caption style per source (each has its own habits) "
-                            "and caption in this source's by default, named by its folder (e.g. coco-train-2k); "
-                            "unset: one style for all", metavar="SOURCE")
     images: str | None = option(None, "images folder, where the annotations do not say")
     dev_data: str | None = option(None, "separate dataset for the dev split (default: the dev split of --data, "
                                         "else 5%% of training images)")

@@ -286,13 +286,6 @@ def load_dataset(path: str | Path, split: str | None = None, images: str | Path 
     return ds
 
 
-def source_name(path: str | Path) -> str:
-    """A data source as people name it: its folder (flickr8k, coco-train-2k), not a local path; a model's
-    caption styles are named this way."""
-    p = Path(path)
-    return p.parent.name if p.suffix else p.name
-
-
 def load_sources(paths: str | Path | Sequence[str | Path], split: str | None = None,
                  images: str | Path | None = None) -> Dataset:
     """Several datasets read as one (e.g. Flickr8k and COCO), each record tagged with its source's index,

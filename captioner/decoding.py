@@ -91,10 +91,10 @@ def _step_weights(model: ShowAndTell) -> tuple[torch.Tensor, ...]:
     halves, and no nn.LSTM call is made (about 1 ms on CPU whatever the batch). Built once per set of
     weights (V x 4H: 21 MB for a 512-unit decoder in float32) and rebuilt when they change.
     """
-    lstm, emb = model.lstm, model.styled(model.word_embed.weight)  # every word in the caption style in use
+    lstm, emb = model.lstm, model.word_embed.weight
     dtype = _decode_dtype(model)
     params = tuple(model.parameters())
-    key = (dtype, getattr(model, "style", None), tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+    key = (dtype, tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
     cached = model.__dict__.get("_step_weights")
     if cached is None or cached[0] != key:
         with torch.inference_mode():

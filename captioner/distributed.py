@@ -154,14 +154,13 @@ def setup(device: str = "cpu") -> DistContext:
 
 
 def ddp_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             global_tokens: int, world: int, weight: float = 1.0, sample_prob: float = 0.0,
-             style: torch.Tensor | None = None) -> torch.Tensor:
+             global_tokens: int, world: int, weight: float = 1.0, sample_prob: float = 0.0) -> torch.Tensor:
     """This rank's share of the global batch's mean token loss, scaled so DDP's gradient average is exact.
 
     `model` is the DDP-wrapped decoder (its forward gives logits and targets); `weight` 0 marks a
     placeholder shard on a rank that got no captions of this (last, short) batch.
     """
-    logits, targets = model(features, captions, lengths, sample_prob, style)
+    logits, targets = model(features, captions, lengths, sample_prob)
     loss = F.cross_entropy(logits, targets, reduction="sum")
     return loss * (weight * world / global_tokens)
 

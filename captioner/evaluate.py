@@ -13,7 +13,7 @@ import io
 import json
 import subprocess
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, check_out_dir, prepare_out_dir
-from .data import load_dataset, source_name
+from .data import load_dataset
 from .config import Decoding
 from .encoders import average_views, parts_of, test_views
 from .errors import CaptionerError
@@ -77,8 +77,6 @@ def evaluate(model: str | Path | None, data: str | Path, split: str = "test", de
     if out_dir is not None:
         check_out_dir(out_dir)  # say so before the long decoding
     cap = Captioner.load(model, device=device, precision=precision)
-    if decoding.style == "auto" and cap.styles:  # the style of the source named like the data, else the default
-        decoding = replace(decoding, style=source_name(data) if source_name(data) in cap.styles else cap.styles[0])
     ds = load_dataset(data, split=split, images=images)
     records = ds.records[:limit] if limit else ds.records
     feats, mask, bad = view_features(cap, [r.image for r in records], decoding.views, cache_dir, workers, progress,
@@ -129,7 +127,7 @@ def _commit() -> str:
 
 
 RESULT_COLUMNS = ["date", "commit", "model", "data", "split", "beam_size", "max_len", "length_penalty", "rerank",
-                  "rerank_fmean", "block_trigrams", "block_repeats", "views", "style", "precision", *METRIC_ORDER, "repeats",
+                  "rerank_fmean", "block_trigrams", "block_repeats", "views", "precision", *METRIC_ORDER, "repeats",
                   "reference_repeats", "degenerate", "images", "seconds"]
 
 
@@ -143,12 +141,8 @@ def append_result(path: str | Path, result: dict) -> None:
     new = not path.is_file() or path.stat().st_size == 0
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
-    columns = RESULT_COLUMNS
-    if not new:  # a file begun by an older version keeps its own columns, so its rows stay aligned
-        with open(path, newline="", encoding="utf-8") as f:
-            columns = next(csv.reader(f), None) or RESULT_COLUMNS
     with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)

@@ -18,7 +18,7 @@ from .encoders import (Encoder, EncoderStack, Preprocess, SharedTrunk, average_v
                        test_views)
 from .errors import CaptionerError
 from .images import ImageSource, load_image
-from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell, styles_of, with_style
+from .model import Decoder, DecoderConfig, Ensemble, ShowAndTell
 from .vocab import Vocabulary
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "captioner-flickr8k-coco.safetensors"
@@ -235,7 +235,6 @@ class Captioner:
         self.meta, self.device = meta or {}, device
         self.precision = precision = resolve_precision(precision, device)
         set_precision(self.decoder, precision_dtype(precision))
-        self._styled: dict[str, Decoder] = {}  # the decoder in each style asked for besides the default
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu", precision: str = "auto") -> "Captioner":
@@ -271,19 +270,18 @@ class Captioner:
         the one of the beam's R best that agrees most with all its results (consensus.py). `attention`: each
         caption also gets, per word, the attention the decoder ran with on that caption's own beam."""
         d = self._settings(decoding, settings)
-        decoder = self.decoder_for(d.style)
         if not 1 <= n_best <= MAX_BEAM:
             raise CaptionerError(f"n-best must be 1 to {MAX_BEAM}")
-        if attention and not decoder.cfg.regions:
+        if attention and not self.decoder.cfg.regions:
             raise CaptionerError("this model does not attend over image regions (its encoder pools 'avg'); "
                                  "attention needs a model trained with --pool regions")
         rerank = min(d.rerank, d.beam_size)
         if d.beam_size == 1 and n_best == 1:
-            hyps: list[list[Hypothesis]] = [[h] for h in greedy(decoder, features, self.vocab, d.max_len,
+            hyps: list[list[Hypothesis]] = [[h] for h in greedy(self.decoder, features, self.vocab, d.max_len,
                                                                   suppress_unk, d.block_repeats, attention)]
         else:
             keep = max(d.beam_size, n_best) if rerank > 1 else n_best  # every finished beam votes
-            hyps = beam_search(decoder, features, self.vocab, max(d.beam_size, n_best), d.max_len,
+            hyps = beam_search(self.decoder, features, self.vocab, max(d.beam_size, n_best), d.max_len,
                                d.length_penalty, keep, suppress_unk, d.block_trigrams, d.block_repeats, attention)
         out = []
         for hs in hyps:
@@ -293,27 +291,6 @@ class Captioner:
             words = word_attention([self.vocab.itos[i] for i in hs[0].tokens], hs[0].attention) if attention else None
             out.append(Caption(alts[0][0], alts[0][1], alts, words))
         return out
-
-    @property
-    def styles(self) -> list[str]:
-        """The caption styles the model learned, one per training source, its default first (none: one style)."""
-        return styles_of(self.decoder)
-
-    def decoder_for(self, style: str) -> Decoder:
-        """The decoder writing in caption style `style` ("auto": the model's default)."""
-        if not self.styles:
-            if style != "auto":
-                raise CaptionerError(f"caption style {style!r}: this model learned one style (no --style in its "
-                                     f"training)")
-            return self.decoder
-        if style in ("auto", self.styles[0]):
-            return self.decoder
-        if style not in self._styled:
-            try:
-                self._styled[style] = with_style(self.decoder, style)
-            except ValueError as e:
-                raise CaptionerError(str(e)) from None
-        return self._styled[style]
 
     @staticmethod
     def _settings(decoding: Decoding | None, settings: dict) -> Decoding:

@@ -8,17 +8,11 @@ With `regions` > 0 (encoder pool "regions") the features also hold a grid of reg
 output attends over them before scoring words (Luong et al. 2015's attention on top of the LSTM output):
 the LSTM still runs over the whole sentence in one call, so training costs about what it did.
 Scheduled sampling (`forward`'s `sample_prob`) must unroll the LSTM one step at a time instead.
-
-With `styles` the decoder learns one caption style per training source (Flickr8k's "a man in a red shirt
-is ...", COCO's "a man riding a motorcycle on ..."): a learned vector per style is added to every input of the
-LSTM (the image's embedding and each word's), so sources with different habits share everything else without
-blurring into one.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +42,6 @@ class DecoderConfig:
     regions: int = 0  # region vectors after the global one in each feature row (0: no attention)
     att_dim: int = 256
     att_dropout: float = 0.5  # on the region vectors themselves: attention learns the training images fast
-    styles: list[str] = field(default_factory=list)  # the training sources' names, one learned style each
-    style: str = ""  # the style captions take unless told otherwise (one of `styles`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +68,6 @@ class ShowAndTell(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.styles and cfg.style not in cfg.styles:
-            raise ValueError(f"default style {cfg.style!r} is not one of the styles {cfg.styles}")
         if cfg.regions < 0 or cfg.att_dim < 1 or not 0 <= cfg.att_dropout < 1:
             raise ValueError(f"bad attention settings: regions {cfg.regions}, att_dim {cfg.att_dim}, "
                              f"att_dropout {cfg.att_dropout}")
@@ -95,10 +85,6 @@ class ShowAndTell(nn.Module):
             self.att_value = nn.Linear(channels, cfg.att_dim)
             self.att_query = nn.Linear(cfg.hidden_dim, cfg.att_dim, bias=False)
             self.att_out = nn.Linear(cfg.att_dim, cfg.hidden_dim, bias=False)
-        if cfg.styles:  # zeros: training starts from the same model as without styles
-            self.style_embed = nn.Embedding(len(cfg.styles), cfg.embed_dim)
-            nn.init.zeros_(self.style_embed.weight)
-            self.style = cfg.styles.index(cfg.style)  # the style of rows given none (decoding); use_style sets it
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out(hidden)
@@ -107,19 +93,9 @@ class ShowAndTell(nn.Module):
         """The output layer as one [V, H] weight and its bias, for decoding's precomputed step."""
         return self.out.weight, self.out.bias
 
-    def styled(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
-        """LSTM inputs [B, ...,  E] plus their rows' style vectors (`style` [B] indices into cfg.styles; None:
-        every row in `self.style`, as decoding runs). Without styles, x as it is."""
-        if not self.cfg.styles:
-            return x
-        if style is None:
-            return x + self.style_embed.weight[self.style]
-        v = self.style_embed(style)
-        return x + v.view(v.shape[0], *[1] * (x.dim() - 2), v.shape[1])
-
-    def embed_image(self, features: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
-        """The global feature's embedding, in its row's style: the LSTM's first input."""
-        return self.dropout(self.styled(self.image_embed(features[:, : self.image_embed.in_features]), style))
+    def embed_image(self, features: torch.Tensor) -> torch.Tensor:
+        """The global feature's embedding: the LSTM's first input."""
+        return self.dropout(self.image_embed(features[:, : self.image_embed.in_features]))
 
     def memory(self, features: torch.Tensor) -> torch.Tensor:
         """The image's regions as keys and values in the hidden state's space, [R, B, 2H] (rows on axis 1, as
@@ -155,8 +131,7 @@ class ShowAndTell(nn.Module):
             record.append(attention_record(weights, hidden, context))
         return hidden + context
 
-    def _unroll(self, packed: PackedSequence, memory: torch.Tensor | None, sample_prob: float,
-                style: torch.Tensor | None = None) -> PackedSequence:
+    def _unroll(self, packed: PackedSequence, memory: torch.Tensor | None, sample_prob: float) -> PackedSequence:
         """The one-layer LSTM over a packed batch one step at a time, for scheduled sampling (Bengio et al.
         2015): with probability `sample_prob` a word's input is a word drawn from the model's own previous
         prediction instead of the reference's. Gates are nn.LSTM's (i, f, g, o); the words' part of the input
@@ -167,8 +142,6 @@ class ShowAndTell(nn.Module):
         xs = F.linear(packed.data, w_word, bias).split(packed.batch_sizes.tolist())
         if memory is not None:
             memory = memory[:, packed.sorted_indices]  # rows in the packed (longest first) order
-        if style is not None:
-            style = style[packed.sorted_indices.to(style.device)]
         h = c = packed.data.new_zeros(int(packed.batch_sizes[0]), lstm.hidden_size)
         outs = []
         for t, x in enumerate(xs):
@@ -181,30 +154,28 @@ class ShowAndTell(nn.Module):
                         hid = self.attend(h[pick], memory[:, :n][:, pick]) if memory is not None else h[pick]
                         words = torch.multinomial(torch.softmax(self.logits(hid).float(), -1), 1).squeeze(1)
                     x = x.clone()
-                    words = self.styled(self.word_embed(words), style[:n][pick] if style is not None else None)
-                    x[pick] = F.linear(self.dropout(words), w_word, bias).to(x.dtype)
+                    x[pick] = F.linear(self.dropout(self.word_embed(words)), w_word, bias).to(x.dtype)
             gates = x + F.linear(h, lstm.weight_hh_l0)
             h, c = lstm_update(gates.to(h.dtype), c)  # state stays full precision under autocast
             outs.append(h)
         return PackedSequence(torch.cat(outs), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                sample_prob: float = 0.0, style: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                sample_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets for every real next-token position, packed (no padding).
 
         captions: [B, T] ids `<start> w1 .. wn <end> <pad>..`; lengths: [B] counts including start and end.
         sample_prob: scheduled sampling's chance that a word's input is the model's own (training only).
-        style: [B] each caption's style (cfg.styles index), for a decoder with styles; None: `self.style`.
         """
         sample_prob = sample_prob if self.training else 0.0
         if sample_prob and self.cfg.num_layers != 1:
             raise ValueError("scheduled sampling needs a one-layer LSTM")
-        words = self.dropout(self.styled(self.word_embed(captions[:, :-1]), style))
-        inputs = torch.cat([self.embed_image(features, style).unsqueeze(1), words], dim=1)  # image, <start>, w1..wn
+        words = self.dropout(self.word_embed(captions[:, :-1]))
+        inputs = torch.cat([self.embed_image(features).unsqueeze(1), words], dim=1)  # image, <start>, w1..wn
         lengths = lengths.cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
         memory = self.memory(features) if self.cfg.regions else None
-        out = self._unroll(packed, memory, sample_prob, style) if sample_prob else self.lstm(packed)[0]
+        out = self._unroll(packed, memory, sample_prob) if sample_prob else self.lstm(packed)[0]
         # Drop the image step's output: outputs after <start>..wn predict w1..<end>.
         hidden, _ = pad_packed_sequence(out, batch_first=True)
         hidden = hidden[:, 1:]
@@ -218,16 +189,16 @@ class ShowAndTell(nn.Module):
         return self.logits(self.dropout(F.pad(hidden, (0, 0, 0, -n % ROWS))))[:n], targets
 
     def loss(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-             sample_prob: float = 0.0, style: torch.Tensor | None = None) -> torch.Tensor:
+             sample_prob: float = 0.0) -> torch.Tensor:
         """Mean token cross-entropy."""
-        logits, targets = self(features, captions, lengths, sample_prob, style)
+        logits, targets = self(features, captions, lengths, sample_prob)
         return F.cross_entropy(logits, targets)
 
     # --- step-by-step interface used by greedy and beam search ---
-    def init_state(self, features: torch.Tensor, style: torch.Tensor | None = None) -> State:
+    def init_state(self, features: torch.Tensor) -> State:
         """LSTM state after reading the image (the paper's x_{-1} step); with regions, their memory follows
         (h, c), one row per image (beam search gives each image K rows of h and c, but one of memory)."""
-        image = self.embed_image(features, style)
+        image = self.embed_image(features)
         lstm = self.lstm
         if self.training and lstm.num_layers > 1:  # keep nn.LSTM's dropout between layers
             _, state = lstm(image.unsqueeze(1))
@@ -255,7 +226,7 @@ class ShowAndTell(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: State, record: list | None = None) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the next word for each sequence, given its last token; `record` as for `attend`."""
-        x = self.styled(self.word_embed(tokens))
+        x = self.word_embed(tokens)
         out, (h, c) = self.lstm(x.unsqueeze(1), state[:2])
         return F.log_softmax(self.readout(out.squeeze(1), state, record), dim=-1), (h, c, *state[2:])
 
@@ -308,29 +279,3 @@ class Ensemble(nn.Module):
 
 
 Decoder = ShowAndTell | Ensemble
-
-
-def styles_of(decoder: Decoder) -> list[str]:
-    """The caption styles a decoder learned (the names of its training sources), the default first."""
-    cfg = decoder.cfg
-    return sorted(cfg.styles, key=lambda s: s != cfg.style)
-
-
-def with_style(decoder: Decoder, name: str) -> Decoder:
-    """`decoder` captioning in style `name`: a shallow copy sharing its weights, so that the original, and
-    any thread decoding with it, keeps its own style."""
-    if isinstance(decoder, Ensemble):
-        return Ensemble([with_style(m, name) for m in decoder.members], decoder.split_features)
-    styled = copy.copy(decoder)  # its own attributes (style, decoding's cached tables), the same modules
-    use_style(styled, name)
-    return styled
-
-
-def use_style(decoder: Decoder, name: str) -> None:
-    """Caption in style `name` (one of `styles_of`) from now on."""
-    members = list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
-    for m in members:
-        if name not in m.cfg.styles:
-            known = ", ".join(styles_of(m)) or "none: it learned one style"
-            raise ValueError(f"unknown caption style {name!r} (this model's: {known})")
-        m.style = m.cfg.styles.index(name)

@@ -19,7 +19,7 @@ from torch import nn
 from .config import Decoding
 from .encoders import CROP_SCALE, GRIDS, Encoder, SharedTrunk, parts_of
 from .errors import CaptionerError
-from .model import Decoder, Ensemble, styles_of
+from .model import Decoder, Ensemble
 
 FORMAT = "captioner-onnx-1"
 OPSET = 17
@@ -169,8 +169,7 @@ def export_onnx(model: str | Path | None, out_dir: str | Path) -> list[Path]:
     members = list(decoder.members) if isinstance(decoder, Ensemble) else [decoder]
     settings = {
         "format": FORMAT,
-        # a model with several caption styles is exported in its default one
-        "decoding": {**asdict(Decoding()), **({"style": styles_of(decoder)[0]} if styles_of(decoder) else {})},
+        "decoding": asdict(Decoding()),
         "suppress_unk": True,  # as Captioner.decode: <unk> is never written
         "special_ids": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id, "unk": vocab.unk_id},
         "encoders": encoders,

@@ -167,9 +167,6 @@ def train_scst(cfg: ScstConfig, progress: bool = True) -> dict:
     if "ensemble" in meta:
         raise CaptionerError(f"{cfg.init} is an ensemble; run SCST on each member's checkpoint, then combine "
                              f"them (train/bundle.py CKPT CKPT ...)")
-    if model.cfg.styles:  # its samples would all take the default style, whatever source an image came from
-        raise CaptionerError(f"{cfg.init} learned a caption style per source (--style); SCST fine-tunes models "
-                             f"trained without --style")
     out = check_out_dir(cfg.out)
     ds = load_sources(cfg.data, images=cfg.images)
     train_recs = [r for r in ds.records if r.split == "train"]

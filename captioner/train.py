@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_bytes, atomic_write_text, first_problem, load_tensors, prefixed,
                          prepare_out_dir, remove_stale_temp_files, save_tensors)
 from .config import TrainConfig
-from .data import Dataset, Record, load_sources, source_name
+from .data import Dataset, Record, load_sources
 from .decoding import beam_search, greedy
 from .distributed import DistContext, autocast, ddp_loss, features_on_device, setup as dist_setup, to_device
 from .encoders import CROPS, Encoder, Trunk, TunedTop, attended_regions, create_encoder
@@ -57,9 +57,6 @@ class TrainData:
     dev_items: list[tuple[int, list[int]]]
     dev_refs: list[list[str]]
     bad: dict[str, str]  # unreadable images and why
-    styles: list[str] = field(default_factory=list)  # --style: the caption styles, one per training source
-    item_styles: list[int] = field(default_factory=list)  # each training item's style (an index into styles)
-    dev_styles: dict[int, int] = field(default_factory=dict)  # each dev row's style
 
     def batch(self, rows: list[int], device: str) -> torch.Tensor:
         """Cached rows (float16) on the device, widened."""
@@ -116,17 +113,6 @@ def cache_features(cfg: TrainConfig, encoder: Encoder, paths: list[Path], progre
             for pre in views]
 
 
-def caption_styles(cfg: TrainConfig, train_recs: list[Record]) -> list[str]:
-    """--style's caption styles: the names of the sources that hold training images, in --data order."""
-    if not cfg.style:
-        return []
-    names = [source_name(d) for d in cfg.sources]
-    styles = [names[i] for i in sorted({r.source for r in train_recs})]
-    if cfg.style not in styles:
-        raise CaptionerError(f"--style {cfg.style}: not a training source's name ({', '.join(styles)})")
-    return styles
-
-
 def caption_items(rows: list[int], recs: list[Record], base: int, vocab: Vocabulary,
                   max_len: int) -> list[tuple[int, list[int]]]:
     """(feature row, token ids) for each caption of each row's image; empty captions skipped, long ones cut."""
@@ -158,18 +144,10 @@ def prepare_data(cfg: TrainConfig, train_recs: list[Record], dev_recs: list[Reco
     train_items = caption_items(train_rows, train_recs, 0, vocab, cfg.max_len)
     if not train_items:
         raise CaptionerError("no usable training captions")
-    styles = caption_styles(cfg, train_recs)
-    train_names = [source_name(d) for d in cfg.sources]
-    dev_names = [source_name(cfg.dev_data)] if cfg.dev_data else train_names
-    # a dev image takes its source's style, or the default one where no training source has its name
-    dev_style = lambda rec: styles.index(dev_names[rec.source]) if dev_names[rec.source] in styles \
-        else styles.index(cfg.style)  # noqa: E731
     return TrainData(features_on_device(feats, cfg.device, log), len(sets), len(paths), train_items,
                      [train_recs[row].source for row, _ in train_items], dev_rows,
                      caption_items(dev_rows, dev_recs, n_train, vocab, cfg.max_len),
-                     [dev_recs[r - n_train].captions for r in dev_rows], bad, styles,
-                     [styles.index(train_names[train_recs[row].source]) for row, _ in train_items] if styles else [],
-                     {r: dev_style(dev_recs[r - n_train]) for r in dev_rows} if styles else {})
+                     [dev_recs[r - n_train].captions for r in dev_rows], bad)
 
 
 def epoch_order(sources: list[int], weights: list[float] | None, g: torch.Generator) -> list[int]:
@@ -299,7 +277,6 @@ def train_one_epoch(run: Run, ddp: torch.nn.Module, top_fwd: torch.nn.Module | N
             mine = dctx.shard(idx) or idx[:1]  # DDP: a rank left out of a short last batch adds 0 x one item
             rows = [data.train_items[i][0] + (views[i] * data.rows_per_view if views else 0) for i in mine]
             caps, lens = _pad([data.train_items[i][1] for i in mine])
-            style = to_device(torch.tensor([data.item_styles[i] for i in mine]), cfg.device) if data.styles else None
             for grp in run.optim.param_groups:
                 grp["lr"] = lr_at(cfg, st.step, steps * cfg.epochs) * grp["lr_scale"]
             with amp:
@@ -309,9 +286,9 @@ def train_one_epoch(run: Run, ddp: torch.nn.Module, top_fwd: torch.nn.Module | N
                 if dctx.enabled:
                     loss = ddp_loss(ddp, f, to_device(caps, cfg.device), lens,
                                     sum(len(data.train_items[i][1]) - 1 for i in idx), dctx.world,
-                                    weight=float(bool(dctx.shard(idx))), sample_prob=sample_prob, style=style)
+                                    weight=float(bool(dctx.shard(idx))), sample_prob=sample_prob)
                 else:
-                    loss = run.model.loss(f, to_device(caps, cfg.device), lens, sample_prob, style)
+                    loss = run.model.loss(f, to_device(caps, cfg.device), lens, sample_prob)
             optimizer_step(loss, run.optim, run.params, scaler, cfg.grad_clip)
             if run.averaged is not None:
                 run.averaged.update_parameters(run.model)
@@ -355,26 +332,17 @@ def evaluate(run: Run, model: ShowAndTell) -> dict:
     for i in range(0, len(data.dev_items), 256):
         rows, seqs = zip(*data.dev_items[i:i + 256])
         caps, lens = _pad(list(seqs))
-        style = torch.tensor([data.dev_styles[r] for r in rows], device=cfg.device) if data.styles else None
-        logits, targets = model(dev_batch(list(rows)), caps.to(cfg.device), lens, style=style)
+        logits, targets = model(dev_batch(list(rows)), caps.to(cfg.device), lens)
         losses += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         n += targets.numel()
-    decoded = {}
-    # decoding takes one style at a time: each dev image's source's (one group when the model has no styles)
-    for style in sorted(set(data.dev_styles.values())) or [None]:
-        rows = [r for r in data.dev_rows if data.dev_styles.get(r) == style]
-        if style is not None:
-            model.style = style
-        for i in range(0, len(rows), 256):
-            f = dev_batch(rows[i:i + 256])
-            if cfg.eval_beam > 1:
-                hs = [h[0] for h in beam_search(model, f, run.vocab, cfg.eval_beam, cfg.max_len)]
-            else:
-                hs = greedy(model, f, run.vocab, cfg.max_len)
-            decoded.update({r: run.vocab.decode(h.tokens) for r, h in zip(rows[i:i + 256], hs)})
-    if data.styles:
-        model.style = data.styles.index(cfg.style)
-    hyps = [decoded[r] for r in data.dev_rows]
+    hyps = []
+    for i in range(0, len(data.dev_rows), 256):
+        f = dev_batch(data.dev_rows[i:i + 256])
+        if cfg.eval_beam > 1:
+            hs = [h[0] for h in beam_search(model, f, run.vocab, cfg.eval_beam, cfg.max_len)]
+        else:
+            hs = greedy(model, f, run.vocab, cfg.max_len)
+        hyps += [run.vocab.decode(h.tokens) for h in hs]
     model.train(was_training)
     run.encoder.train(run.top is not None)
     return {"dev_loss": losses / max(n, 1), **{f"dev_{k}": v for k, v in bleu(hyps, data.dev_refs).items()},
@@ -536,10 +504,9 @@ def plot_curves(st: Progress, steps_per_epoch: int, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def build_model(cfg: TrainConfig, vocab_size: int, encoder: Encoder, styles: list[str] | None = None) -> ShowAndTell:
+def build_model(cfg: TrainConfig, vocab_size: int, encoder: Encoder) -> ShowAndTell:
     return ShowAndTell(DecoderConfig(vocab_size, encoder.dim, cfg.embed_dim, cfg.hidden_dim, cfg.num_layers,
-                                     cfg.dropout, attended_regions(cfg.pool), att_dropout=cfg.att_dropout,
-                                     styles=styles or [], style=cfg.style if styles else ""))
+                                     cfg.dropout, attended_regions(cfg.pool), att_dropout=cfg.att_dropout))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -584,7 +551,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     # model and optimiser
     torch.manual_seed(cfg.seed)  # here, not earlier: building the feature cache draws from the global RNG
-    model = build_model(cfg, len(vocab), encoder, data.styles).to(cfg.device)
+    model = build_model(cfg, len(vocab), encoder).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr_scale": 1.0}]
     top = None

@@ -53,7 +53,7 @@ BATCH_HEADERS = ["file", "caption", "log-prob", "error"]
 
 @torch.inference_mode()
 def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 20, temperature: float = 1.0,
-           seed: int | None = None, style: str = "auto") -> list[list[tuple[str, float]]]:
+           seed: int | None = None) -> list[list[tuple[str, float]]]:
     """`n` captions per image drawn word by word from the model's distribution sharpened or flattened by
     `temperature`; distinct ones only, most likely first. Log-probs are the model's own (temperature 1),
     so they compare with beam search's."""
@@ -61,14 +61,13 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
     gen = torch.Generator(device=features.device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     B = features.shape[0]
-    decoder = cap.decoder_for(style)
-    state = decoder.init_state(features.repeat_interleave(n, dim=0))
+    state = cap.decoder.init_state(features.repeat_interleave(n, dim=0))
     tokens = torch.full((B * n,), vocab.start_id, dtype=torch.long, device=features.device)
     logprob = torch.zeros(B * n, dtype=torch.float64)
     done = torch.zeros(B * n, dtype=torch.bool)
     words: list[list[int]] = [[] for _ in range(B * n)]
     for t in range(max_len):
-        logp, state = _step(decoder, tokens, state)
+        logp, state = _step(cap.decoder, tokens, state)
         logp = _mask(logp.double(), t, vocab, suppress_unk=True)  # as greedy and beam search: no empty or <unk> captions
         tokens = torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen).squeeze(1)
         picked = logp.gather(1, tokens[:, None]).squeeze(1).cpu()
@@ -91,23 +90,22 @@ def sample(cap: "Captioner", features: torch.Tensor, n: int = 1, max_len: int = 
 
 def captions(cap: "Captioner", images: list, method: str = "Beam search", beam_size: int = SHIPPED.beam_size,
              max_len: int = 20, n_best: int = 3, temperature: float = 1.0, views: int = 1,
-             rerank: int = SHIPPED.rerank, style: str = "auto", attention: bool = False) -> list["Caption"]:
+             rerank: int = SHIPPED.rerank, attention: bool = False) -> list["Caption"]:
     """Captions with their (caption, log-prob) alternatives, best first, for any of the UI's decoding methods;
     `attention` adds each caption's attention per word where the method has one beam path to follow (beam
     search, greedy) and the model attends over regions."""
     from .inference import Caption
     features = cap.encode(images, views=views)
     if method == "Sampling":
-        return [Caption(alts[0][0], alts[0][1], alts)
-                for alts in sample(cap, features, n_best, max_len, temperature, style=style)]
+        return [Caption(alts[0][0], alts[0][1], alts) for alts in sample(cap, features, n_best, max_len, temperature)]
     if method == "Greedy":
         beam_size = n_best = 1
     return cap.decode(features, n_best=n_best, beam_size=beam_size, max_len=max_len, rerank=rerank, views=views,
-                      style=style, attention=attention and bool(cap.decoder.cfg.regions))
+                      attention=attention and bool(cap.decoder.cfg.regions))
 
 
 def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperature: Any, views: Any = 1,
-              rerank: Any = SHIPPED.rerank, style: Any = "auto") -> tuple:
+              rerank: Any = SHIPPED.rerank) -> tuple:
     """API callers can send anything: check it here so a bad value is a message, not a traceback."""
     if method not in METHODS:
         raise CaptionerError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
@@ -126,9 +124,7 @@ def _settings(method: Any, beam_size: Any, max_len: Any, n_best: Any, temperatur
         raise CaptionerError(f"temperature must be between 0.05 and 5, got {temperature}")
     if not 0 <= rerank <= MAX_BEAM:
         raise CaptionerError(f"rerank must be between 0 and {MAX_BEAM}, got {rerank}")
-    if not isinstance(style, str):
-        raise CaptionerError(f"caption style must be a name, got {style!r}")
-    return method, beam_size, max_len, n_best, temperature, views, rerank, style
+    return method, beam_size, max_len, n_best, temperature, views, rerank
 
 
 def _open_upload(path: str, name: str, max_bytes: float, draft_size: int | None = None):
@@ -151,13 +147,13 @@ def _alternatives_table(alts: list[tuple[str, float]]) -> list[list]:
 
 
 def _describe(method: str, beam_size: int, max_len: int, n_best: int, temperature: float, views: int,
-              rerank: int = SHIPPED.rerank, style: str = "auto") -> str:
+              rerank: int = SHIPPED.rerank) -> str:
     if method == "Beam search":
         top = min(rerank, beam_size)
         text = f"beam search (beam {beam_size}" + (f", top {top} reranked by agreement)" if top > 1 else ")")
     else:
         text = f"sampling (temperature {temperature:g})" if method == "Sampling" else "greedy"
-    return text + (f" · {views} views" if views > 1 else "") + (f" · {style} style" if style != "auto" else "")
+    return text + (f" · {views} views" if views > 1 else "")
 
 
 # --- the app --------------------------------------------------------------------------------------------
@@ -204,14 +200,13 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
             while len(looked) > LOOKED_KEPT:
                 looked.popitem(last=False)
 
-    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=SHIPPED.rerank,
-                    style="auto"):
+    def caption_one(image: dict | None, method, beam_size, max_len, n_best, temperature, views=1, rerank=SHIPPED.rerank):
         """Caption for the single-image tab (and the `/caption` API): text, alternatives, details."""
         if not image:
             return "", [], ""
         t0 = time.perf_counter()
         try:
-            settings = _settings(method, beam_size, max_len, n_best, temperature, views, rerank, style)
+            settings = _settings(method, beam_size, max_len, n_best, temperature, views, rerank)
             img = _open_upload(image["path"], image.get("orig_name") or "uploaded image", max_bytes, draft)
             c = captions(cap, [img], *settings, attention=True)[0]
             alts = c.alternatives
@@ -252,14 +247,14 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
         return overlay(photo, words[index].weights, max(float(w.weights.max()) for w in words))
 
     def caption_batch(paths: list[str] | None, method, beam_size, max_len, n_best, temperature, views=1,
-                      rerank=SHIPPED.rerank, style="auto"):
+                      rerank=SHIPPED.rerank):
         """One row per file (bad files get their message in the error column), plus CSV and JSON files."""
         if not paths:
             raise gr.Error("Choose some image files first.", print_exception=False)
         if len(paths) > MAX_BATCH:
             raise gr.Error(f"At most {MAX_BATCH} files at once (got {len(paths)}).", print_exception=False)
         try:
-            settings = _settings(method, beam_size, max_len, 1, temperature, views, rerank, style)
+            settings = _settings(method, beam_size, max_len, 1, temperature, views, rerank)
         except CaptionerError as e:
             raise gr.Error(str(e), print_exception=False)
         t0 = time.perf_counter()
@@ -331,18 +326,13 @@ def build_app(captioner: "Captioner | None" = None, model_path: str | os.PathLik
                 rerank = gr.Slider(0, MAX_BEAM, value=SHIPPED.rerank, step=1, label="Rerank",
                                    info="beam search only: its N best compete, and the one that agrees most with all "
                                         "its captions is shown; 0 or 1 = the most probable")
-            with gr.Row():
-                views = gr.Radio(list(VIEWS), value=1, label="Views",
-                                 info="views of the image whose features are averaged: 6 (the image, its mirror image "
-                                      "and four corner crops) runs the encoder 6 times")
-                # a model trained with --style writes in the manner of each source it learned from
-                style = gr.Dropdown(cap.styles or ["auto"], value=(cap.styles or ["auto"])[0], label="Caption style",
-                                    visible=len(cap.styles) > 1,
-                                    info="the manner of one training source's captions: " + ", ".join(cap.styles))
-        settings = [method, beam, max_len, n_best, temperature, views, rerank, style]
+            views = gr.Radio(list(VIEWS), value=1, label="Views",
+                             info="views of the image whose features are averaged: 6 (the image, its mirror image and "
+                                  "four corner crops) scores best on Flickr8k dev but runs the encoder 6 times")
+        settings = [method, beam, max_len, n_best, temperature, views, rerank]
         limit = dict(concurrency_limit=concurrency, concurrency_id="model")  # one limit shared by both events
         gr.on([image.change, method.change, beam.release, max_len.release, n_best.release, temperature.release,
-               views.change, rerank.release, style.change],
+               views.change, rerank.release],
               caption_one, inputs=[image, *settings], outputs=[caption, alternatives, details],
               api_name="caption", preprocess=False, trigger_mode="always_last", **limit,
               show_progress="hidden",  # a failure is the toast alone, not red badges on every output

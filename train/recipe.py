@@ -28,7 +28,6 @@ from pathlib import Path
 
 from captioner.checkpoint import atomic_write_bytes, atomic_write_text, load_tensors, prepare_out_dir, save_tensors
 from captioner.config import RecipeConfig, TrainConfig
-from captioner.data import source_name
 from captioner.encoders import ENCODER_DIMS
 from captioner.errors import CaptionerError
 from captioner.inference import bundle
@@ -188,8 +187,7 @@ class Recipe:
                              images=self.cfg.images, cache_dir=self.cfg.cache_dir, workers=self.cfg.workers,
                              progress=False)
                 res = {**r, "metrics": r["metrics"] if not res else res["metrics"],
-                       "by_source": {**res.get("by_source", {}), d: r["metrics"]},
-                       "style": {**res.get("style", {}), d: r["settings"]["style"]}}
+                       "by_source": {**res.get("by_source", {}), d: r["metrics"]}}
             return res
 
         stage = "scst" if self.scst else "xe"
@@ -204,20 +202,20 @@ class Recipe:
         res = score(self.out / "model.safetensors", "eval-dev")
         decoding = {k: res["settings"][k] for k in ("beam_size", "rerank", "rerank_fmean", "length_penalty",
                                                     "block_trigrams", "block_repeats", "views", "precision")}
-        self.write_card(self.out / "model.safetensors", res["by_source"], decoding, res["style"])
+        self.write_card(self.out / "model.safetensors", res["by_source"], decoding)
         return {"metrics": res["by_source"], "per_seed": per_seed, "kept": kept, "storage": self.storage,
                 "decoding": decoding}
 
-    def write_card(self, path: Path, scores: dict[str, dict], decoding: dict, styles: dict[str, str]) -> None:
+    def write_card(self, path: Path, scores: dict[str, dict], decoding: dict) -> None:
         """The model's card (captioner/card.py) into its metadata: name, data, recipe, scores as measured."""
         from captioner.card import make_card
         tensors, meta = load_tensors(path)
         name = self.recipe.name or f"captioner-{self.config.stem}"
-        trained_on = [source_name(d) + (" train" if "dev" in _splits(d, self.cfg.images) else "")
+        trained_on = [_data_name(d) + (" train" if "dev" in _splits(d, self.cfg.images) else "")
                       for d in self.cfg.sources if "train" in _splits(d, self.cfg.images)]
         card = make_card(meta, name, trained_on,
-                         str(self.config), {source_name(d) + " dev": {
-                             "metrics": m, "decoding": {**decoding, "style": styles[d]},
+                         str(self.config), {_data_name(d) + " dev": {
+                             "metrics": m, "decoding": decoding,
                              "command": f"captioner evaluate --data {d} --split dev"} for d, m in scores.items()})
         save_tensors(path, tensors, {**meta, "card": card})
 
@@ -249,6 +247,12 @@ class Recipe:
             from captioner.inference import BUNDLED_MODEL
             atomic_write_bytes(BUNDLED_MODEL, (self.out / "model.safetensors").read_bytes())
             print(f"installed as {BUNDLED_MODEL}")
+
+
+def _data_name(path: str) -> str:
+    """A data source as people name it: its folder (flickr8k, coco-train-2k), not a local path."""
+    p = Path(path)
+    return p.parent.name if p.suffix else p.name
 
 
 def _splits(path: str, images: str | None) -> set[str]:
