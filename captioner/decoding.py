@@ -179,17 +179,21 @@ def _block_trigrams(logp: torch.Tensor, prefix: torch.Tensor, pad_id: int) -> No
     logp.scatter_(1, torch.where(seen, prefix[:, 2:], pad_id), -float("inf"))
 
 
+def _repeat_tables(vocab: Vocabulary, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(content_words, repeat_groups) of `vocab` as tensors on `device`, built once per vocabulary."""
+    cached = vocab.__dict__.get("_repeats")
+    if cached is None or cached[0].device != device:
+        cached = (torch.tensor(vocab.content_words(), device=device), torch.tensor(vocab.repeat_groups(), device=device))
+        vocab.__dict__["_repeats"] = cached
+    return cached
+
+
 def _block_repeats(logp: torch.Tensor, prefix: torch.Tensor, vocab: Vocabulary) -> None:
     """No content word that its caption has said already, in the singular or the plural. prefix [N, t]: each
     row's words so far."""
     if prefix.shape[1] == 0:
         return
-    cached = vocab.__dict__.get("_repeats")
-    if cached is None or cached[0].device != logp.device:
-        cached = (torch.tensor(vocab.content_words(), device=logp.device),
-                  torch.tensor(vocab.repeat_groups(), device=logp.device))
-        vocab.__dict__["_repeats"] = cached
-    content, groups = cached
+    content, groups = _repeat_tables(vocab, logp.device)
     said = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, groups[prefix], True)
     logp.masked_fill_(said.index_select(1, groups) & content, -float("inf"))
 
@@ -339,7 +343,7 @@ def beam_search_reference(model: Decoder, features: torch.Tensor, vocab: Vocabul
     `attention`, each beam carries its own steps' attention as it goes."""
     if attention:
         _attention_shape(model)
-    content, groups = vocab.content_words(), torch.tensor(vocab.repeat_groups(), device=features.device)
+    content, groups = _repeat_tables(vocab, features.device)
     results = []
     for b in range(features.shape[0]):
         beams = [([], 0.0, model.init_state(features[b:b + 1]), False, [])]
