@@ -49,6 +49,7 @@ from captioner import Decoding, consensus  # noqa: E402
 from captioner.config import PRECISIONS, VIEWS  # noqa: E402
 from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
+from captioner.distributed import bfloat16_is_native  # noqa: E402
 from captioner.encoders import ENCODER_DIMS, POOLS, Trunk, TunedTop, attended_regions, create_encoder  # noqa: E402
 from captioner.evaluate import METRIC_ORDER, evaluate, view_features  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
@@ -344,6 +345,21 @@ def cmd_features(a: argparse.Namespace, out: Results) -> None:
             out.add(f"{n} ({encs[n].preprocess.size} px) --pool {a.pool}, batch {batch}, {n_threads} thread(s)",
                     "forward_time", s / batch * 1e3, "ms/image", base * 1e3,
                     f"baseline: {a.encoders[0]}; bare forward to pooled features, median of {a.repeats}")
+    if bfloat16_is_native():  # the encoders under bf16 autocast at the extraction batch (not what extraction uses)
+        xs = {n: torch.randn(a.batch, 3, e.preprocess.size, e.preprocess.size).contiguous(
+            memory_format=torch.channels_last) for n, e in encs.items()}
+
+        def bf16(n: str) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return encs[n](xs[n]).float()
+        with torch.inference_mode():
+            t, res = timed({**{n: (lambda n=n: encs[n](xs[n])) for n in encs},
+                            **{f"{n} bf16": (lambda n=n: bf16(n)) for n in encs}}, a.repeats, 1)
+        for n in encs:
+            diff = float((res[f"{n} bf16"] - res[n]).norm() / res[n].norm())
+            out.add(f"{n} under bfloat16 autocast, batch {a.batch}, {threads} thread(s)", "forward_time",
+                    t[f"{n} bf16"] / a.batch * 1e3, "ms/image", t[n] / a.batch * 1e3,
+                    f"baseline: float32, same process; features differ by {diff:.1%} (relative norm)")
 
 
 def cmd_train_step(a: argparse.Namespace, out: Results) -> None:
