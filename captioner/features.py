@@ -1,13 +1,15 @@
 """Encoder features computed once and cached on disk.
 
 With a frozen encoder every epoch would recompute identical CNN outputs; instead each image's pooled
-feature vector is stored once in a memory-mapped .npy under a key made of the image list (paths,
-sizes, mtimes), the encoder and its preprocessing, so any change rebuilds it. Extraction is resumable:
+feature vector is stored once in a memory-mapped .npy under a key made of the image list (paths and
+a digest of each file's bytes), the encoder and its preprocessing, so any change rebuilds it and nothing
+else does (a remount, a copy or `touch` keeps the cache). Extraction is resumable:
 progress is recorded every few seconds. Unreadable images are skipped and reported, not fatal.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ from .encoders import Encoder, Preprocess, Trunk, TunedTop
 from .errors import CaptionerError
 from .images import ImageError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Progress goes to disk at most this often: a flush and an fsynced index after every small batch cost more
 # than the encoder itself on a GPU (eval/RESULTS.md, "Speed").
 SAVE_SECONDS = 2.0
@@ -78,6 +80,17 @@ class FeatureSet:
         return np.array([p not in bad for p in self.paths], dtype=bool)
 
 
+@functools.lru_cache(maxsize=200_000)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-1 of a file's bytes, memoised while its size and time stay: reading the images again costs far
+    less than recomputing their features after a remount or a copy."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_key(paths: Sequence[Path], encoder: Encoder, weights_tag: str = "", preprocess: Preprocess | None = None) -> str:
     h = hashlib.sha256()
     pre = preprocess or encoder.preprocess
@@ -86,9 +99,10 @@ def cache_key(paths: Sequence[Path], encoder: Encoder, weights_tag: str = "", pr
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            digest = _file_digest(os.path.abspath(p), st.st_size, st.st_mtime_ns)
         except OSError:
-            h.update(f"{os.path.abspath(p)}|missing\n".encode())
+            digest = "missing"
+        h.update(f"{os.path.abspath(p)}|{digest}\n".encode())
     return h.hexdigest()[:24]
 
 

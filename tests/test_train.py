@@ -391,6 +391,28 @@ def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
     rows.close()
 
 
+def test_feature_cache_is_keyed_by_the_images_bytes_not_their_times(tiny_data, tmp_path):
+    """A remount, a copy or `touch` keeps the cache (no recomputation); new bytes under the same name rebuild it."""
+    import os
+    import shutil
+    import numpy as np
+    from captioner.encoders import create_encoder
+    from captioner.features import extract_features
+    enc, folder, cache = create_encoder(), tmp_path / "imgs", tmp_path / "cache"
+    folder.mkdir()
+    src = sorted(tiny_data.glob("img*.jpg"))[:3]
+    imgs = [shutil.copy(p, folder / p.name) for p in src]
+    first = np.array(extract_features(enc, imgs, cache, workers=0, progress=False).features)
+    made = sorted(cache.glob("*.npy"))
+    os.utime(imgs[0], ns=(1, 1))  # new times, same bytes
+    again = extract_features(enc, imgs, cache, workers=0, progress=False)
+    assert sorted(cache.glob("*.npy")) == made and np.array_equal(np.asarray(again.features), first)
+    shutil.copy(src[2], imgs[0])  # new bytes under the old name
+    changed = np.asarray(extract_features(enc, imgs, cache, workers=0, progress=False).features)
+    assert len(list(cache.glob("*.npy"))) == 2
+    assert np.array_equal(changed[0], first[2]) and np.array_equal(changed[1:], first[1:])
+
+
 def test_ema_keeps_the_average_resumes_exactly_and_logs_the_raw_weights(tiny_data, tmp_path):
     """--ema: best.safetensors is the average, best_raw.safetensors the trained weights; an interrupted run resumes
     to the same average."""
