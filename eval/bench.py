@@ -51,6 +51,7 @@ from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
 from captioner.distributed import bfloat16_is_native  # noqa: E402
 from captioner.encoders import ENCODER_DIMS, POOLS, Trunk, TunedTop, attended_regions, create_encoder  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluate import METRIC_ORDER, evaluate, view_features  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.inference import Captioner, resolve_precision  # noqa: E402
@@ -616,7 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench gpu: needs a CUDA device, and this machine has none (--device cpu runs it as a smoke test)",
               file=sys.stderr)
         return 2
-    a.fn(a, Results(a.results_file, a.what))
+    try:
+        a.fn(a, Results(a.results_file, a.what))
+    except CaptionerError as e:  # a missing dataset, model or photo: one line, as the CLI says it
+        print(f"bench {a.what}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

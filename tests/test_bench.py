@@ -1,5 +1,5 @@
-"""eval/bench.py: the smallest latency run writes a well-formed results row; the decoding grid's shipped setting
-scores what `captioner evaluate` scores."""
+"""eval/bench.py: the smallest latency run writes a well-formed results row; the features run writes a row per
+case with its baseline; the decoding grid's shipped setting scores what `captioner evaluate` scores."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from captioner import Decoding
+from captioner.distributed import bfloat16_is_native
 from captioner.evaluate import evaluate
+from conftest import make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "eval" / "bench.py"
@@ -43,6 +45,34 @@ def test_latency_appends_rows_with_header_once(tmp_path: Path) -> None:
     assert value > 0 and baseline > 0
     assert math.isfinite(ratio) and ratio > 0 and ratio == pytest.approx(1.0)  # the baseline against itself
     assert "model=bundled" in row["case"] and "pizza.jpg" in row["notes"]
+
+
+def test_features_times_extraction_and_each_cnn_against_its_baseline(tmp_path: Path) -> None:
+    data = make_tiny_dataset(tmp_path / "tiny") / "caps.csv"
+    results = tmp_path / "bench.csv"
+
+    def features(data: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(BENCH), "features", "--data", str(data), "--split", "train",
+                               "--images", "4", "--batch", "2", "--repeats", "1", "--workers", "0",
+                               "--results-file", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    wrong = features(tmp_path)  # a folder with no dataset in it: one line, no traceback, no rows
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("bench features: ") and len(wrong.stderr.strip().splitlines()) == 1
+    assert not results.exists()
+    done = features(data)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    extraction = [r for r in rows if r["metric"] == "throughput"]
+    assert len(extraction) == 1 and "4 images, batch 2" in extraction[0]["case"]
+    forward = [r for r in rows if r["metric"] == "forward_time" and "autocast" not in r["case"]]
+    assert len(forward) == 4  # each CNN, one image on one thread and a batch of 32
+    bf16 = [r for r in rows if "autocast" in r["case"]]
+    assert len(bf16) == (2 if bfloat16_is_native() else 0)
+    for r in rows:
+        value, baseline = float(r["value"]), float(r["baseline_value"])
+        assert value > 0 and baseline > 0 and float(r["ratio"]) == pytest.approx(value / baseline, rel=0.01)
+    assert all("features differ by" in r["notes"] for r in bf16)
 
 
 def test_decoding_grid_shipped_setting_matches_evaluate(tmp_path: Path, coco_mini: Path) -> None:
