@@ -3,7 +3,7 @@
 With a frozen encoder every epoch would recompute identical CNN outputs; instead each image's pooled
 feature vector is stored once in a memory-mapped .npy under a key made of the image list (paths and
 a digest of each file's bytes), the encoder and its preprocessing, so any change rebuilds it and nothing
-else does (a remount, a copy or `touch` keeps the cache). Extraction is resumable:
+else does (a remount, a fresh copy in place or `touch` keeps the cache). Extraction is resumable:
 progress is recorded every few seconds. Unreadable images are skipped and reported, not fatal.
 """
 from __future__ import annotations

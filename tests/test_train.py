@@ -392,7 +392,8 @@ def test_feature_rows_read_from_the_cache_equal_the_table(tiny_data, tmp_path):
 
 
 def test_feature_cache_is_keyed_by_the_images_bytes_not_their_times(tiny_data, tmp_path):
-    """A remount, a copy or `touch` keeps the cache (no recomputation); new bytes under the same name rebuild it."""
+    """A remount, a fresh copy in place or `touch` keeps the cache (no recomputation); new bytes under the same name
+    rebuild it."""
     import os
     import shutil
     import numpy as np
