@@ -329,24 +329,24 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(lambda: args.func(args))
 
 
-def run_reporting_errors(command: Callable[[], int]) -> int:
+def run_reporting_errors(command: Callable[[], int], prog: str = "captioner") -> int:
     """`command()`'s exit status; a failure the user can fix is one line on stderr, never a traceback."""
     try:
         return command()
     except CaptionerError as e:
-        print(f"captioner: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncaptioner: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("captioner: error: out of memory", file=sys.stderr)
+        print(f"{prog}: error: out of memory", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away (`captioner info | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # e.g. a full disk while writing
-        print(f"captioner: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        print(f"{prog}: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1
 
 

@@ -96,13 +96,13 @@ def cache_key(paths: Sequence[Path], encoder: Encoder, weights_tag: str = "", pr
     pre = preprocess or encoder.preprocess
     h.update(json.dumps({"v": CACHE_VERSION, "encoder": encoder.name, "pre": pre.to_dict(),
                          "weights": weights_tag, "dim": encoder.dim}).encode())
-    for p in paths:
+    for p in map(os.path.abspath, paths):
         try:
             st = os.stat(p)
-            digest = _file_digest(os.path.abspath(p), st.st_size, st.st_mtime_ns)
+            digest = _file_digest(p, st.st_size, st.st_mtime_ns)
         except OSError:
             digest = "missing"
-        h.update(f"{os.path.abspath(p)}|{digest}\n".encode())
+        h.update(f"{p}|{digest}\n".encode())
     return h.hexdigest()[:24]
 
 

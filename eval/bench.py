@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from captioner import Decoding, consensus  # noqa: E402
+from captioner.cli import run_reporting_errors  # noqa: E402
 from captioner.config import PRECISIONS, VIEWS  # noqa: E402
 from captioner.data import load_dataset  # noqa: E402
 from captioner.decoding import beam_search, beam_search_reference, precision_dtype, set_precision  # noqa: E402
 from captioner.distributed import bfloat16_is_native  # noqa: E402
 from captioner.encoders import ENCODER_DIMS, POOLS, Trunk, TunedTop, attended_regions, create_encoder  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluate import METRIC_ORDER, evaluate, view_features  # noqa: E402
 from captioner.features import extract_features  # noqa: E402
 from captioner.inference import Captioner, resolve_precision  # noqa: E402
@@ -334,9 +334,12 @@ def cmd_features(a: argparse.Namespace, out: Results) -> None:
     encs = {n: create_encoder(n, pool=a.pool) for n in a.encoders}
     extraction_rows(out, encs[a.encoders[0]], paths, a.batch, a.workers, a.repeats, "cpu")
     threads = torch.get_num_threads()
-    for batch, n_threads in ((1, 1), (32, threads)):  # as the demo runs it; as feature extraction can
-        xs = {n: torch.randn(batch, 3, e.preprocess.size, e.preprocess.size).contiguous(
+
+    def inputs(batch: int) -> dict[str, torch.Tensor]:  # random images at each CNN's own size
+        return {n: torch.randn(batch, 3, e.preprocess.size, e.preprocess.size).contiguous(
             memory_format=torch.channels_last) for n, e in encs.items()}
+    for batch, n_threads in ((1, 1), (32, threads)):  # as the demo runs it; as feature extraction can
+        xs = inputs(batch)
         torch.set_num_threads(n_threads)
         with torch.inference_mode():
             t, _ = timed({n: (lambda n=n: encs[n](xs[n])) for n in encs}, a.repeats, 1)
@@ -347,8 +350,7 @@ def cmd_features(a: argparse.Namespace, out: Results) -> None:
                     "forward_time", s / batch * 1e3, "ms/image", base * 1e3,
                     f"baseline: {a.encoders[0]}; bare forward to pooled features, median of {a.repeats}")
     if bfloat16_is_native():  # the encoders under bf16 autocast at the extraction batch (not what extraction uses)
-        xs = {n: torch.randn(a.batch, 3, e.preprocess.size, e.preprocess.size).contiguous(
-            memory_format=torch.channels_last) for n, e in encs.items()}
+        xs = inputs(a.batch)
 
         def bf16(n: str) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -617,12 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench gpu: needs a CUDA device, and this machine has none (--device cpu runs it as a smoke test)",
               file=sys.stderr)
         return 2
-    try:
-        a.fn(a, Results(a.results_file, a.what))
-    except CaptionerError as e:  # a missing dataset, model or photo: one line, as the CLI says it
-        print(f"bench {a.what}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: a.fn(a, Results(a.results_file, a.what)) or 0, prog=f"bench {a.what}")
 
 
 if __name__ == "__main__":
